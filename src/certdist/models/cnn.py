@@ -1,0 +1,122 @@
+"""The architectures of the certified-training literature.
+
+DM-small / DM-medium / DM-large: Gowal et al. 2018 ("On the effectiveness of interval bound propagation").
+CNN7: Shi et al. 2021 ("Fast certified robust training with short warmup"), BatchNorm after every
+conv/linear layer but the last.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from certdist.models.layers import Normalize
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    channels: int
+    size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class CertifiableNet(nn.Module):
+    """``head(features(x))``: a feature extractor (Normalize first) and a final linear layer.
+
+    ``features`` and ``head`` are kept apart because distillation needs the penultimate features.
+    ``arch`` and ``input_spec`` identify the architecture so checkpoints can be checked on load.
+    """
+
+    def __init__(self, features: nn.Sequential, head: nn.Linear, arch: str, input_spec: InputSpec) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.arch = arch
+        self.input_spec = input_spec
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def layers(self) -> list[nn.Module]:
+        """The flat chain of layers that bound propagation walks through."""
+        return [*self.features, self.head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.head(h), h
+
+    def describe(self) -> dict:
+        return {"arch": self.arch, **self.input_spec.__dict__}
+
+
+def _conv_out(size: int, k: int, s: int, p: int) -> int:
+    out = (size + 2 * p - k) // s + 1
+    if out <= 0:
+        raise ValueError(f"input of size {size} is too small for a {k}x{k} convolution with stride {s}")
+    return out
+
+
+def _build(spec: InputSpec, convs: Sequence[tuple[int, int, int, int]], fcs: Sequence[int],
+           batchnorm: bool, arch: str) -> CertifiableNet:
+    layers: list[nn.Module] = [Normalize(spec.mean, spec.std)]
+    c, size = spec.channels, spec.size
+    for out_c, k, s, p in convs:
+        layers.append(nn.Conv2d(c, out_c, k, stride=s, padding=p))
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(out_c))
+        layers.append(nn.ReLU())
+        c, size = out_c, _conv_out(size, k, s, p)
+    layers.append(nn.Flatten())
+    n = c * size * size
+    for width in fcs:
+        layers.append(nn.Linear(n, width))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
+        n = width
+    return CertifiableNet(nn.Sequential(*layers), nn.Linear(n, spec.num_classes), arch, spec)
+
+
+def dm_small(spec: InputSpec) -> CertifiableNet:
+    return _build(spec, [(16, 4, 2, 0), (32, 4, 1, 0)], [100], batchnorm=False, arch="dm_small")
+
+
+def dm_medium(spec: InputSpec) -> CertifiableNet:
+    return _build(spec, [(32, 3, 1, 0), (32, 4, 2, 0), (64, 3, 1, 0), (64, 4, 2, 0)], [512, 512],
+                  batchnorm=False, arch="dm_medium")
+
+
+def dm_large(spec: InputSpec) -> CertifiableNet:
+    return _build(spec, [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)], [512],
+                  batchnorm=False, arch="dm_large")
+
+
+def cnn7(spec: InputSpec) -> CertifiableNet:
+    return _build(spec, [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1), (128, 3, 1, 1)], [512],
+                  batchnorm=True, arch="cnn7")
+
+
+def mlp(spec: InputSpec, widths: Sequence[int] = (64, 64), batchnorm: bool = False) -> CertifiableNet:
+    """A small fully-connected net (tests, tiny verification problems)."""
+    return _build(spec, [], list(widths), batchnorm=batchnorm, arch="mlp")
+
+
+MODELS: dict[str, Callable[[InputSpec], CertifiableNet]] = {
+    "dm_small": dm_small,
+    "dm_medium": dm_medium,
+    "dm_large": dm_large,
+    "cnn7": cnn7,
+    "mlp": mlp,
+}

@@ -1,0 +1,155 @@
+"""Interval bound propagation (Gowal et al. 2018) with one rule per layer type.
+
+Each rule maps ``(module, Interval, ref)`` to ``(Interval, ref_out)``. ``ref`` is the clean
+activation at this layer (or ``None``); it is only needed by BatchNorm in training mode, whose
+affine map uses the statistics of the clean batch, as in the certified-training literature
+(Shi et al. 2021, auto_LiRPA). Bounds in centre/radius form: an affine map costs two matmuls.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certdist.bounds import Interval
+from certdist.models.layers import Normalize
+
+Rule = Callable[[nn.Module, Interval, "torch.Tensor | None"], "tuple[Interval, torch.Tensor | None]"]
+IBP_RULES: dict[type, Rule] = {}
+
+
+def register(*types: type) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for t in types:
+            IBP_RULES[t] = fn
+        return fn
+    return deco
+
+
+def rule_for(module: nn.Module) -> Rule:
+    rule = IBP_RULES.get(type(module))
+    if rule is None:
+        known = ", ".join(sorted(t.__name__ for t in IBP_RULES))
+        raise TypeError(f"no IBP rule for layer {type(module).__name__}; supported layers: {known}")
+    return rule
+
+
+def _affine(c: torch.Tensor, r: torch.Tensor, lin, abs_lin) -> Interval:
+    c2 = lin(c)
+    r2 = abs_lin(r)
+    return Interval(c2 - r2, c2 + r2)
+
+
+@register(nn.Linear)
+def _linear(m: nn.Linear, inp: Interval, ref):
+    out = _affine(inp.center, inp.radius, lambda c: F.linear(c, m.weight, m.bias),
+                  lambda r: F.linear(r, m.weight.abs()))
+    return out, (None if ref is None else F.linear(ref, m.weight, m.bias))
+
+
+@register(nn.Conv2d)
+def _conv(m: nn.Conv2d, inp: Interval, ref):
+    if m.padding_mode != "zeros":
+        raise TypeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
+    conv = lambda x, w, b: F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+    out = _affine(inp.center, inp.radius, lambda c: conv(c, m.weight, m.bias),
+                  lambda r: conv(r, m.weight.abs(), None))
+    return out, (None if ref is None else conv(ref, m.weight, m.bias))
+
+
+@register(nn.ReLU)
+def _relu(m: nn.Module, inp: Interval, ref):
+    return Interval(F.relu(inp.lower), F.relu(inp.upper)), (None if ref is None else F.relu(ref))
+
+
+@register(nn.Flatten)
+def _flatten(m: nn.Flatten, inp: Interval, ref):
+    return inp.map(m), (None if ref is None else m(ref))
+
+
+@register(Normalize)
+def _normalize(m: Normalize, inp: Interval, ref):
+    # std > 0: the map is increasing, so the ends map to the ends.
+    return inp.map(m), (None if ref is None else m(ref))
+
+
+@register(nn.AvgPool2d)
+def _avgpool(m: nn.AvgPool2d, inp: Interval, ref):
+    return inp.map(m), (None if ref is None else m(ref))
+
+
+def batchnorm_affine(m: nn.modules.batchnorm._BatchNorm, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(scale, shift)`` BatchNorm applies: running stats in eval mode, the clean
+    batch's statistics (``ref``) in training mode."""
+    if m.training or not m.track_running_stats:
+        if ref is None:
+            raise ValueError(
+                f"{type(m).__name__} in training mode needs the clean activations to take its batch "
+                "statistics from; pass the clean input as `ref`, or put the model in eval mode")
+        dims = [0] + list(range(2, ref.dim()))
+        mean = ref.mean(dim=dims)
+        var = ref.var(dim=dims, unbiased=False)
+    else:
+        mean, var = m.running_mean, m.running_var
+    inv = torch.rsqrt(var + m.eps)
+    scale = inv if m.weight is None else m.weight * inv
+    shift = -mean * scale if m.bias is None else m.bias - mean * scale
+    return scale, shift
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm, inp: Interval, ref):
+    scale, shift = batchnorm_affine(m, ref)
+    shape = [1, -1] + [1] * (inp.lower.dim() - 2)
+    s, t = scale.view(shape), shift.view(shape)
+    c = inp.center * s + t
+    r = inp.radius * s.abs()
+    return Interval(c - r, c + r), (None if ref is None else ref * s + t)
+
+
+def needs_ref(layers: Iterable[nn.Module]) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+               for m in layers)
+
+
+def propagate(layers: Iterable[nn.Module], box: Interval, ref: torch.Tensor | None = None,
+              return_all: bool = False):
+    """Push ``box`` through ``layers``. Returns the output interval (and, with ``return_all``,
+    the list of intervals after every layer, which CROWN-IBP and ReLU statistics use)."""
+    layers = list(layers)
+    if ref is not None and not needs_ref(layers):
+        ref = None
+    inter = []
+    for m in layers:
+        box, ref = rule_for(m)(m, box, ref)
+        if return_all:
+            inter.append(box)
+    return (box, inter) if return_all else box
+
+
+def linear_spec_interval(head: nn.Linear, inp: Interval, C: torch.Tensor) -> Interval:
+    """Bounds of ``C (W h + b)`` with ``C`` folded into the last layer (tighter than bounding the
+    logits first). ``C``: [B, S, K]."""
+    W = C @ head.weight  # [B, S, n]
+    c = torch.einsum("bsn,bn->bs", W, inp.center)
+    r = torch.einsum("bsn,bn->bs", W.abs(), inp.radius)
+    if head.bias is not None:
+        c = c + C @ head.bias
+    return Interval(c - r, c + r)
+
+
+def ibp(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, eps: float | None = None,
+        return_features: bool = False):
+    """IBP bounds of the model's outputs (or of ``C z`` when a specification is given) over the
+    threat model's box around ``x``. BatchNorm in training mode takes its statistics from ``x``.
+
+    With ``return_features`` the interval of the penultimate features is returned too."""
+    box = threat.box(x, eps)
+    feats = propagate(model.features, box, ref=x)
+    if C is None:
+        out, _ = _linear(model.head, feats, None)
+    else:
+        out = linear_spec_interval(model.head, feats, C)
+    return (out, feats) if return_features else out

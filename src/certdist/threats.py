@@ -1,0 +1,54 @@
+"""The threat model: the one place where eps lives (pixel units, data in [lo, hi])."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from certdist.bounds import Interval
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An l_inf ball of radius ``eps`` (pixel units) intersected with the data range.
+
+    Normalisation is a layer inside the model, so ``eps`` is never rescaled by hand.
+    """
+
+    eps: float
+    norm: str = "linf"
+    data_min: float = 0.0
+    data_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.norm != "linf":
+            raise ValueError(f"unsupported norm {self.norm!r}; supported: 'linf'")
+        if not isinstance(self.eps, (int, float)) or math.isnan(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
+        if not self.data_min < self.data_max:
+            raise ValueError(f"data range must satisfy data_min < data_max, got [{self.data_min}, {self.data_max}]")
+
+    def with_eps(self, eps: float) -> "ThreatModel":
+        return ThreatModel(eps=float(eps), norm=self.norm, data_min=self.data_min, data_max=self.data_max)
+
+    def box(self, x: torch.Tensor, eps: float | None = None) -> Interval:
+        """The input box ``[clip(x - eps), clip(x + eps)]`` as an :class:`Interval`."""
+        e = self.eps if eps is None else eps
+        if e < 0:
+            raise ValueError(f"eps must be >= 0, got {e}")
+        return Interval(
+            (x - e).clamp(self.data_min, self.data_max),
+            (x + e).clamp(self.data_min, self.data_max),
+        )
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        """Project ``x_adv`` onto the box around ``x`` (always inside the data range)."""
+        box = self.box(x, eps)
+        return torch.max(torch.min(x_adv, box.upper), box.lower)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+        """Per-sample boolean: is ``x_adv`` inside the box around ``x``?"""
+        box = self.box(x)
+        ok = (x_adv >= box.lower - tol) & (x_adv <= box.upper + tol)
+        return ok.flatten(1).all(dim=1)
