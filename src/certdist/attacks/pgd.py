@@ -1,0 +1,99 @@
+"""PGD (Madry et al. 2018) under the l_inf threat model, with random start and restarts."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certdist.threats import ThreatModel
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``max_{j != y} z_j - z_y`` (positive when misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, y[:, None], -float("inf"))
+    return other.max(dim=1).values - true
+
+
+LOSSES = {
+    "ce": lambda z, y: F.cross_entropy(z, y, reduction="none"),
+    "margin": margin_loss,
+}
+
+
+class _eval_mode:
+    """Put the model in eval mode (or keep train mode) and restore each module's mode afterwards."""
+
+    def __init__(self, model: nn.Module, train: bool) -> None:
+        self.model, self.train = model, train
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def __enter__(self):
+        self.model.train(self.train)
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int = 40,
+        restarts: int = 1, step_size: float | None = None, loss: str = "ce", random_start: bool = True,
+        eps: float | None = None, relative_step: bool = False, train_mode: bool = False,
+        generator: torch.Generator | None = None) -> torch.Tensor:
+    """The worst point found (highest margin loss over all steps and restarts) for each sample.
+
+    ``step_size`` is absolute (pixel units) unless ``relative_step``, then it multiplies eps
+    (the expressive-losses convention ``step = step_size * eps``). Default ``2.5 * eps / steps``.
+    The model runs in eval mode unless ``train_mode`` (certified training attacks the train-mode
+    net); its own modes are restored afterwards. The result always lies in the box and in
+    the data range; gradients with respect to the parameters are not accumulated.
+    """
+    e = threat.eps if eps is None else eps
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; known: {', '.join(LOSSES)}")
+    if step_size is None:
+        alpha = 2.5 * e / max(steps, 1)
+    else:
+        alpha = step_size * e if relative_step else step_size
+    box = threat.box(x, e)
+    loss_fn = LOSSES[loss]
+    x = x.detach()
+    best = x.clone()
+    with _eval_mode(model, train_mode), torch.enable_grad():
+        params = [p for p in model.parameters()]
+        req = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            with torch.no_grad():
+                best_score = margin_loss(model(x), y)
+            for _ in range(restarts):
+                if random_start and e > 0:
+                    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
+                        else torch.rand_like(x)
+                    xa = box.lower + u * (box.upper - box.lower)
+                else:
+                    xa = x.clone()
+                for step in range(steps + 1):
+                    xa.requires_grad_(True)
+                    logits = model(xa)
+                    score = margin_loss(logits.detach(), y)
+                    better = score > best_score
+                    best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), xa.detach(), best)
+                    best_score = torch.where(better, score, best_score)
+                    if step == steps:
+                        break
+                    grad, = torch.autograd.grad(loss_fn(logits, y).sum(), xa)
+                    xa = torch.max(torch.min(xa.detach() + alpha * grad.sign(), box.upper), box.lower)
+        finally:
+            for p, r in zip(params, req):
+                p.requires_grad_(r)
+    return best.detach()
+
+
+def fgsm_like(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, **kw) -> torch.Tensor:
+    """One step of PGD with random start and step 10 * eps (the expressive-losses training attack)."""
+    return pgd(model, x, y, threat, steps=1, step_size=10.0, relative_step=True, **kw)
