@@ -31,7 +31,7 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, Any]:
-    return {"certdist": certdist.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    return {"certdist": certdist.__version__, "torch": str(torch.__version__), "python": platform.python_version(),
             "git_commit": git_commit()}
 
 

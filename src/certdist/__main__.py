@@ -1,0 +1,3 @@
+from certdist.cli import main
+
+raise SystemExit(main())

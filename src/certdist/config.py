@@ -1,0 +1,282 @@
+"""Frozen, typed run configuration: defaults < YAML file < ``key=value`` command-line overrides.
+
+Every run saves its resolved config (``config.yaml`` and inside each checkpoint), so any number
+can be traced back to the exact settings that produced it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+METHODS = ("standard", "pgd-at", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
+
+
+class ConfigError(ValueError):
+    """An unknown key or a bad value in a configuration."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist"
+    data_dir: Optional[str] = None       # None: $CERTDIST_DATA or ./data
+    train_limit: Optional[int] = None    # use only the first N training examples (quick runs)
+    test_limit: Optional[int] = None
+    augment: Optional[bool] = None       # None: the dataset's default (crop + flip for CIFAR-like data)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "dm_small"
+    init: str = "ibp"                    # "ibp" (Shi et al. 2021) or "default" (PyTorch)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The attack that makes ``x_adv`` during training (PGD-AT, SABR and the expressive losses)."""
+    steps: int = 1
+    step_size: float = 10.0              # relative to the (attack) eps: step = step_size * eps
+    eps_factor: float = 1.0              # attack box = eps_factor * current training eps
+    random_start: bool = True
+    restarts: int = 1
+    train_mode: bool = False             # attack the train-mode network (BatchNorm batch statistics)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """CC-Dist: distillation from a frozen teacher (``teacher`` = a checkpoint path)."""
+    teacher: Optional[str] = None
+    beta: Optional[float] = None         # None: 5 / feature_dim (a third-party reimplementation's scaling)
+    alpha: Optional[float] = None        # None: the certified loss's alpha
+    level: str = "features"              # "features" (the paper) or "logits" (AD-CERT-like)
+    teacher_input: str = "clean"         # "clean" (the paper) or "adversarial"
+    projection: bool = False             # learn a linear map student features -> teacher features
+    cache: bool = True                   # cache clean teacher features when augmentation allows
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    pgd_steps: int = 40
+    pgd_restarts: int = 1
+    pgd_step_size: float = 0.035         # relative to eps, as in the expressive-losses code
+    batch_size: int = 500
+    limit: Optional[int] = None          # evaluate on the first N test points only
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    method: str = "ibp"
+    eps: float = 0.1                     # test eps, pixel units
+    train_eps_mul: float = 1.0           # train with eps * train_eps_mul
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_milestones: tuple[int, ...] = (8, 9)
+    lr_decay: float = 0.2
+    grad_clip: float = 10.0
+    warmup_epochs: int = 1               # standard training at eps = 0
+    ramp_epochs: int = 5                 # smooth eps ramp (Shi et al. 2021) after the warm-up
+    alpha: float = 0.1                   # coefficient of CC-IBP / MTL-IBP / Exp-IBP
+    sabr_lambda: float = 0.4             # SABR small-box radius factor
+    crown_ibp_beta_start: float = 1.0    # CROWN-IBP weight of the CROWN bound, decays to the end value
+    crown_ibp_beta_end: float = 0.0
+    reg_weight: float = 0.5              # Shi et al. warm-up regularisers (0 disables)
+    reg_tol: float = 0.5
+    l1: float = 0.0                      # L1 penalty on weights
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs"
+    logger: str = "csv"                  # "csv" or "tensorboard" (needs the tensorboard package)
+    device: str = "auto"                 # "auto", "cpu", "cuda", "cuda:1", ...
+    num_threads: Optional[int] = None
+    progress: bool = True
+    nan_policy: str = "stop"             # stop training on a non-finite loss
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def train_eps(self) -> float:
+        return self.eps * self.train_eps_mul
+
+
+def validate(c: RunConfig) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{key}: {msg}")
+    if c.method not in METHODS:
+        bad("method", f"unknown method {c.method!r}; valid: {', '.join(METHODS)}")
+    if not c.eps >= 0:
+        bad("eps", f"must be >= 0, got {c.eps}")
+    if not c.train_eps_mul > 0:
+        bad("train_eps_mul", f"must be > 0, got {c.train_eps_mul}")
+    for k in ("epochs", "batch_size"):
+        if getattr(c, k) < 1:
+            bad(k, f"must be >= 1, got {getattr(c, k)}")
+    for k in ("warmup_epochs", "ramp_epochs"):
+        if getattr(c, k) < 0:
+            bad(k, f"must be >= 0, got {getattr(c, k)}")
+    if not c.lr > 0:
+        bad("lr", f"must be > 0, got {c.lr}")
+    if c.optimizer not in ("adam", "sgd"):
+        bad("optimizer", f"unknown optimizer {c.optimizer!r}; valid: adam, sgd")
+    if not 0.0 <= c.alpha <= 1.0:
+        bad("alpha", f"must lie in [0, 1], got {c.alpha}")
+    if not 0.0 < c.sabr_lambda <= 1.0:
+        bad("sabr_lambda", f"must lie in (0, 1], got {c.sabr_lambda}")
+    if c.grad_clip < 0 or c.l1 < 0 or c.reg_weight < 0:
+        bad("grad_clip/l1/reg_weight", "must be >= 0")
+    if c.logger not in ("csv", "tensorboard"):
+        bad("logger", f"unknown logger {c.logger!r}; valid: csv, tensorboard")
+    if c.attack.steps < 0 or c.attack.restarts < 1 or c.attack.eps_factor <= 0:
+        bad("attack", "need steps >= 0, restarts >= 1, eps_factor > 0")
+    d = c.distill
+    if d.level not in ("features", "logits"):
+        bad("distill.level", f"unknown level {d.level!r}; valid: features, logits")
+    if d.teacher_input not in ("clean", "adversarial"):
+        bad("distill.teacher_input", f"unknown value {d.teacher_input!r}; valid: clean, adversarial")
+    if d.beta is not None and d.beta < 0:
+        bad("distill.beta", f"must be >= 0, got {d.beta}")
+    if d.alpha is not None and not 0.0 <= d.alpha <= 1.0:
+        bad("distill.alpha", f"must lie in [0, 1], got {d.alpha}")
+    if d.teacher is not None and c.method in ("standard", "pgd-at"):
+        bad("distill.teacher", f"distillation needs a certified method, got method={c.method!r}")
+    if c.model.init not in ("ibp", "default"):
+        bad("model.init", f"unknown init {c.model.init!r}; valid: ibp, default")
+
+
+# ---------------------------------------------------------------------------------------------
+# building a config from nested dicts with type checking
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    base, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in fields(base))}")
+        return _from_dict(base, value, prefix=f"{key}.")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if typing.get_origin(base) is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (elem, _), = [(typing.get_args(base)[0], None)]
+        return tuple(_coerce(key, v, elem) for v in value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys{' under ' + prefix[:-1] if prefix else ''}: "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+def _set_path(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        k, v = item.split("=", 1)
+        _set_path(out, k.strip(), yaml.safe_load(v) if v.strip() else None)
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        data = loaded
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+    return _from_dict(RunConfig, data)
+
+
+def from_dict(data: dict) -> RunConfig:
+    return _from_dict(RunConfig, data)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,52 @@
+"""Result tables: collect ``results.json`` files and summarise them as mean +- std over seeds."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+METRICS = ("clean_acc", "pgd_acc", "ibp_cert_acc", "train_time_s")
+
+
+def collect(paths: list[str | Path]) -> list[dict]:
+    rows = []
+    for p in map(Path, paths):
+        files = [p] if p.is_file() else sorted(p.rglob("results.json"))
+        if not files:
+            raise FileNotFoundError(f"no results.json under {p}")
+        for f in files:
+            r = json.loads(f.read_text())
+            r["run"] = str(f.parent)
+            rows.append(r)
+    return rows
+
+
+def _group_key(r: dict) -> tuple:
+    teacher = "yes" if r.get("teacher") else "-"
+    return (r.get("dataset"), r.get("arch"), r.get("method"), teacher, r.get("eps"))
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{m:.2f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def format_table(rows: list[dict], group: bool = True) -> str:
+    """A Markdown table; with ``group``, one row per (dataset, arch, method, teacher, eps) with the
+    mean and sample standard deviation over the runs (seeds) in the group."""
+    head = ["dataset", "arch", "method", "teacher", "eps", "n", "clean %", "PGD %", "IBP-cert %", "train s"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = _group_key(r) if group else _group_key(r) + (r.get("run", id(r)),)
+        groups.setdefault(key, []).append(r)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, rs in groups.items():
+        cells = [str(v) for v in key[:5]] + [f"{len(rs)}" + (" seeds" if group and len(rs) > 1 else "")]
+        cells += [_fmt([float(r[m]) for r in rs if m in r]) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""The one training loop for every method (standard, PGD-AT, IBP, CROWN-IBP, SABR, the expressive
+losses, with or without a teacher).
+
+A run lives in ``out_dir/name``: ``config.yaml`` (the resolved config), ``last.pt`` (a checkpoint
+after every epoch, written atomically), ``metrics.csv`` and, once finished, ``results.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from certdist import data as D
+from certdist.config import RunConfig, dump_yaml, to_dict
+from certdist.evaluation import evaluate
+from certdist.models import CertifiableNet, InputSpec, build_model
+from certdist.propagation.ibp import ibp
+from certdist.specs import margin_matrix
+from certdist.threats import ThreatModel
+from certdist.training import checkpoint as ckpt
+from certdist.training.logging import MetricLogger
+from certdist.training.objective import StepContext, Teacher, compute_loss
+from certdist.training.schedules import linear_decay, lr_at, smooth_eps
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a run that would be overwritten, a bad teacher)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def input_spec(info) -> InputSpec:
+    return InputSpec(info.channels, info.size, info.num_classes, tuple(info.mean), tuple(info.std))
+
+
+def step_context(cfg: RunConfig, step: int, steps_per_epoch: int) -> StepContext:
+    start = cfg.warmup_epochs * steps_per_epoch
+    ramp = cfg.ramp_epochs * steps_per_epoch
+    final = cfg.train_eps
+    eps = smooth_eps(step, final, start, ramp) if cfg.method != "standard" else 0.0
+    in_ramp = start <= step < start + ramp
+    reg_scale = (1.0 - eps / final) if (in_ramp and final > 0) else 0.0
+    total = cfg.epochs * steps_per_epoch
+    beta = linear_decay(step, cfg.crown_ibp_beta_start, cfg.crown_ibp_beta_end, start, total)
+    return StepContext(eps=eps, eps_final=final, reg_scale=reg_scale, crown_beta=beta)
+
+
+def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, n_train: int,
+                 cache_ok: bool) -> Teacher:
+    path = Path(cfg.distill.teacher)
+    if not path.is_file():
+        raise TrainingError(f"teacher checkpoint not found: {path}")
+    model, payload = ckpt.model_from_checkpoint(path)
+    t_data = payload.get("config", {}).get("data", {}).get("dataset")
+    if t_data is not None and t_data != cfg.data.dataset:
+        raise TrainingError(f"teacher {path} was trained on {t_data!r}, the student on {cfg.data.dataset!r}")
+    if model.input_spec != student.input_spec:
+        raise TrainingError(f"teacher {path} expects inputs {model.input_spec}, the student {student.input_spec}")
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    projection = None
+    if cfg.distill.level == "features" and model.feature_dim != student.feature_dim:
+        if not cfg.distill.projection:
+            raise TrainingError(
+                f"teacher features have {model.feature_dim} dimensions, the student's {student.feature_dim}: "
+                "set distill.projection=true to learn a linear projection, or use a teacher of the same width")
+    if cfg.distill.projection and cfg.distill.level == "features":
+        projection = nn.Linear(student.feature_dim, model.feature_dim, bias=True).to(device)
+    t = Teacher(model=model, projection=projection)
+    dim = model.feature_dim if cfg.distill.level == "features" else model.num_classes
+    if cfg.distill.cache and cache_ok and cfg.distill.teacher_input == "clean":
+        t.cache = torch.zeros(n_train, dim, device=device)
+        t.cached = torch.zeros(n_train, dtype=torch.bool, device=device)
+    return t
+
+
+def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool, device: torch.device):
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    n = train.labels.shape[0]
+    perm = torch.randperm(n, generator=g)
+    pad = 4 if train.info.size <= 32 else 8
+    for s in range(0, n, cfg.batch_size):
+        idx = perm[s:s + cfg.batch_size]
+        if idx.numel() < 2 and n > 1:  # a batch of one breaks BatchNorm; skip the remainder
+            continue
+        x = train.images[idx].float().div_(255)
+        if augment:
+            x = D.random_hflip(D.random_crop(x, pad, g), g)
+        yield idx.to(device), x.to(device), train.labels[idx].to(device)
+
+
+def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train (or resume) the run described by ``cfg``; returns the run folder."""
+    run_dir = run_dir_for(cfg)
+    last = run_dir / "last.pt"
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                                "replace it, or choose another name=...")
+        for f in ("last.pt", "metrics.csv", "results.json", "config.yaml"):
+            (run_dir / f).unlink(missing_ok=True)
+    if resume and not last.exists():
+        raise TrainingError(f"--resume: no checkpoint at {last}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    info = D.dataset_info(cfg.data.dataset)
+    train_data = D.load(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
+    test_data = D.load(cfg.data.dataset, "test", data_dir=cfg.data.data_dir, limit=cfg.data.test_limit)
+    augment = info.augment if cfg.data.augment is None else cfg.data.augment
+    model = build_model(cfg.model.arch, input_spec(info), init=cfg.model.init).to(device)
+    teacher = None
+    if cfg.distill.teacher:
+        teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment)
+    params = list(model.parameters()) + (list(teacher.projection.parameters()) if teacher and teacher.projection else [])
+    opt = make_optimizer(cfg, params)
+    logger = MetricLogger(run_dir, tensorboard=cfg.logger == "tensorboard")
+    start_epoch = 0
+    if resume:
+        payload = ckpt.load_checkpoint(last)
+        if payload.get("finished"):
+            raise TrainingError(f"{run_dir} is finished; nothing to resume (results in {run_dir / 'results.json'})")
+        saved = payload["config"]
+        if saved != to_dict(cfg):
+            diff = sorted(k for k in saved if saved[k] != to_dict(cfg).get(k))
+            raise TrainingError(f"--resume with a different config than the checkpoint's (keys differ: {diff})")
+        ckpt.load_weights(model, payload["model"], source=str(last))
+        opt.load_state_dict(payload["optimizer"])
+        if teacher and teacher.projection is not None:
+            teacher.projection.load_state_dict(payload["projection"])
+        ckpt.set_rng_state(payload["rng"])
+        start_epoch = payload["epoch"] + 1
+        logger.truncate(start_epoch)
+    else:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    n = train_data.labels.shape[0]
+    steps_per_epoch = sum(1 for s in range(0, n, cfg.batch_size) if min(cfg.batch_size, n - s) >= 2 or n == 1)
+    test_threat = ThreatModel(cfg.eps)
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = lr_at(epoch, cfg.lr, cfg.lr_milestones, cfg.lr_decay)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        t0 = time.time()
+        bar = tqdm(_batch_iter(train_data, cfg, epoch, augment, device), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for i, (idx, x, y) in enumerate(bar):
+            ctx = step_context(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
+            loss, stats = compute_loss(cfg, model, x, y, ctx, teacher, idx)
+            if not math.isfinite(stats["loss"]):
+                raise TrainingError(
+                    f"non-finite loss ({stats['loss']}) at epoch {epoch + 1}, step {i} (eps {ctx.eps:.4g}); "
+                    f"training stopped, the last good checkpoint is kept at {last if last.exists() else '(none yet)'}. "
+                    "Try a lower lr or a stronger grad_clip.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            count += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v / count:.3f}" for k, v in sums.items()} | {"eps": f"{ctx.eps:.3f}"})
+        row = {"epoch": epoch + 1, "lr": lr, "eps": ctx.eps, "time_s": round(time.time() - t0, 2)}
+        row |= {f"train_{k}": round(v / max(count, 1), 5) for k, v in sums.items()}
+        row |= _quick_eval(model, test_data, test_threat, device)
+        logger.log(row)
+        if cfg.progress:
+            tqdm.write(" ".join(f"{k}={v}" for k, v in row.items()))
+        _save(last, cfg, model, opt, teacher, epoch, logger.rows, finished=False)
+
+    results = evaluate(model, test_data.images, test_data.labels, test_threat, cfg.eval.pgd_steps,
+                       cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
+                       progress=cfg.progress)
+    results |= {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "method": cfg.method,
+                "teacher": cfg.distill.teacher, "seed": cfg.seed, "config": to_dict(cfg), "versions": ckpt.versions(),
+                "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    payload = ckpt.load_checkpoint(last)
+    payload["finished"] = True
+    payload["results"] = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
+    ckpt.save_checkpoint(last, payload)
+    return run_dir
+
+
+@torch.no_grad()
+def _quick_eval(model: nn.Module, test: "D.TensorData", threat: ThreatModel, device, n: int = 1000) -> dict:
+    """Clean and IBP-certified accuracy on the first ``n`` test points (eval mode), every epoch."""
+    model.eval()
+    x = test.images[:n].float().div_(255).to(device)
+    y = test.labels[:n].to(device)
+    ok = model(x).argmax(1) == y
+    lb = ibp(model, x, threat, C=margin_matrix(y, model.num_classes)).lower
+    cert = ok & (lb > 0).all(dim=1)
+    model.train()
+    return {"test_clean": round(100 * ok.float().mean().item(), 2), "test_ibp_cert": round(100 * cert.float().mean().item(), 2)}
+
+
+def _save(path: Path, cfg: RunConfig, model, opt, teacher, epoch: int, rows: list, finished: bool) -> None:
+    payload = {
+        "model": model.state_dict(), "model_meta": ckpt.model_meta(model), "optimizer": opt.state_dict(),
+        "config": to_dict(cfg), "epoch": epoch, "rng": ckpt.rng_state(), "metrics": rows,
+        "versions": ckpt.versions(), "finished": finished,
+    }
+    if teacher is not None and teacher.projection is not None:
+        payload["projection"] = teacher.projection.state_dict()
+    ckpt.save_checkpoint(path, payload)

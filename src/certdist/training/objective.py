@@ -1,0 +1,171 @@
+"""The per-batch objective: one function for every training method.
+
+It gathers what the chosen method needs (adversarial point, IBP or CROWN-IBP bounds, teacher
+features) and hands it to the pure losses in :mod:`certdist.losses`. The loop does not know which
+method runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from certdist.attacks.pgd import pgd
+from certdist.bounds import Interval
+from certdist.config import RunConfig
+from certdist.losses import certified as L
+from certdist.losses.distillation import default_beta, distillation_loss
+from certdist.propagation.ibp import _linear, linear_spec_interval, propagate
+from certdist.specs import full_margin_matrix
+from certdist.threats import ThreatModel
+from certdist.training.regularizers import l1_penalty, shi_regularizer
+
+ATTACK_METHODS = ("pgd-at", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
+CERTIFIED_METHODS = ("ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the schedules say for this step."""
+    eps: float            # current training eps
+    eps_final: float      # the training eps at the end of the ramp
+    reg_scale: float      # weight of the Shi et al. regulariser at this step (0 outside the ramp)
+    crown_beta: float     # CROWN-IBP mixing coefficient
+
+
+@dataclass
+class Teacher:
+    """A frozen teacher: features (or logits) of the clean input, never a backward pass."""
+    model: nn.Module
+    projection: nn.Module | None = None
+    cache: torch.Tensor | None = None        # [N, d] per training example
+    cached: torch.Tensor | None = None       # [N] bool
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor, idx: torch.Tensor | None, level: str) -> torch.Tensor:
+        use_cache = self.cache is not None and idx is not None
+        if use_cache and bool(self.cached[idx].all()):
+            return self.cache[idx]
+        logits, feats = self.model.forward_with_features(x)
+        out = feats if level == "features" else logits
+        if use_cache:
+            self.cache[idx] = out.to(self.cache.dtype)
+            self.cached[idx] = True
+        return out
+
+
+def attack_point(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    a = cfg.attack
+    threat = ThreatModel(eps)
+    return pgd(model, x, y, threat, steps=a.steps, restarts=a.restarts, step_size=a.step_size, relative_step=True,
+               random_start=a.random_start, eps=eps * a.eps_factor, train_mode=a.train_mode)
+
+
+def sabr_box(x: torch.Tensor, x_adv: torch.Tensor, eps: float, lam: float) -> Interval:
+    """SABR's small box: radius ``lam * eps`` around the attack point, moved to lie in the original box."""
+    r = lam * eps
+    c = torch.max(torch.min(x_adv, x + eps - r), x - eps + r)
+    return Interval((c - r).clamp(0, 1), (c + r).clamp(0, 1))
+
+
+def _pre_relu(layers: list[nn.Module], intervals: list[Interval]) -> list[Interval]:
+    return [intervals[i - 1] for i, m in enumerate(layers) if isinstance(m, nn.ReLU) and i > 0]
+
+
+def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
+                 teacher: Teacher | None = None, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    method = cfg.method
+    stats: dict[str, float] = {}
+    eps = ctx.eps
+    distill = teacher is not None
+    if method == "standard" or (eps == 0 and method != "pgd-at"):
+        logits, feats = model.forward_with_features(x)
+        loss = L.standard_loss(logits, y)
+        stats["acc"] = (logits.argmax(1) == y).float().mean().item()
+        if distill:
+            point = feats if cfg.distill.level == "features" else logits
+            target = teacher.targets(x, idx, cfg.distill.level)
+            if teacher.projection is not None and cfg.distill.level == "features":
+                point = teacher.projection(point)
+            d = distillation_loss(point, Interval.point(point), target, 0.0)
+            loss = loss + _beta(cfg, target) * d
+            stats["dist"] = d.item()
+        return _finish(cfg, model, loss, stats)
+
+    if method == "pgd-at":
+        x_adv = attack_point(cfg, model, x, y, eps) if eps > 0 else x
+        logits = model(x_adv)
+        stats["adv_acc"] = (logits.argmax(1) == y).float().mean().item()
+        return _finish(cfg, model, L.standard_loss(logits, y), stats)
+
+    if method not in CERTIFIED_METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    x_adv = attack_point(cfg, model, x, y, eps) if method in ATTACK_METHODS else None
+    box = sabr_box(x, x_adv, eps, cfg.sabr_lambda) if method == "sabr" else ThreatModel(eps).box(x)
+    layers = list(model.features)
+    need_all = ctx.reg_scale > 0 and cfg.reg_weight > 0
+    res = propagate(layers, box, ref=x, return_all=need_all)
+    feat_box, inter = res if need_all else (res, None)
+    C = full_margin_matrix(y, model.num_classes)
+    zd_lb = linear_spec_interval(model.head, feat_box, C).lower
+    if method == "crown-ibp" and ctx.crown_beta > 0:
+        from certdist.propagation import crown
+        crown_lb = crown(model, x, ThreatModel(eps), C=C, intermediate="ibp", ref=x, bound_upper=False).lower
+        zd_lb = L.mix_bounds(crown_lb, zd_lb, ctx.crown_beta)
+    stats["cert"] = (zd_lb >= 0).all(dim=1).float().mean().item() if method != "sabr" else float("nan")
+
+    logits_adv = feats_adv = None
+    if x_adv is not None and method != "sabr":
+        logits_adv, feats_adv = model.forward_with_features(x_adv)
+        stats["adv_acc"] = (logits_adv.argmax(1) == y).float().mean().item()
+    if method in ("ibp", "crown-ibp", "sabr"):
+        loss = L.ibp_loss(zd_lb, y)
+    elif method == "cc-ibp":
+        loss = L.cc_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
+    elif method == "mtl-ibp":
+        loss = L.mtl_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
+    else:
+        loss = L.exp_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
+
+    if need_all:
+        reg = shi_regularizer(box, _pre_relu(layers, inter), cfg.reg_tol)
+        loss = loss + cfg.reg_weight * ctx.reg_scale * reg
+        stats["reg"] = reg.item()
+
+    if distill:
+        loss = loss + _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats)
+    return _finish(cfg, model, loss, stats)
+
+
+def _beta(cfg: RunConfig, target: torch.Tensor) -> float:
+    return cfg.distill.beta if cfg.distill.beta is not None else default_beta(target.shape[1])
+
+
+def _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats) -> torch.Tensor:
+    d = cfg.distill
+    alpha = d.alpha if d.alpha is not None else (cfg.alpha if cfg.method in ("cc-ibp", "mtl-ibp", "exp-ibp") else 1.0)
+    if feats_adv is None:  # methods without an attack point: the clean point (or SABR's attack point)
+        logits_adv, feats_adv = model.forward_with_features(x if x_adv is None else x_adv)
+    t_in = x if d.teacher_input == "clean" else (x_adv if x_adv is not None else x)
+    target = teacher.targets(t_in, idx if d.teacher_input == "clean" else None, d.level)
+    if d.level == "features":
+        point, box = feats_adv, feat_box
+        if teacher.projection is not None:
+            P = teacher.projection
+            point = P(point)
+            c = P(box.center)
+            r = box.radius @ P.weight.abs().T
+            box = Interval(c - r, c + r)
+    else:
+        point, box = logits_adv, _linear(model.head, feat_box, None)[0]
+    loss = distillation_loss(point, box, target, alpha)
+    stats["dist"] = loss.item()
+    return _beta(cfg, target) * loss
+
+
+def _finish(cfg: RunConfig, model: nn.Module, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
+    if cfg.l1 > 0:
+        loss = loss + cfg.l1 * l1_penalty(model)
+    stats["loss"] = loss.item()
+    return loss, stats

@@ -1,0 +1,41 @@
+"""Schedules as pure functions of the global step (easy to test and to plot)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def smooth_eps(step: int, eps: float, start_step: int, ramp_steps: int, mid_point: float = 0.25,
+               beta: float = 4.0) -> float:
+    """The smoothed eps ramp of Shi et al. 2021 (auto_LiRPA's ``SmoothedScheduler``).
+
+    0 before ``start_step``; then ``alpha * t^beta`` (polynomial "exponential" growth) up to
+    ``mid_point`` of the ramp, then linear to ``eps`` with a matching slope at the switch;
+    ``eps`` from ``start_step + ramp_steps`` on.
+    """
+    if step < start_step or eps == 0:
+        return 0.0
+    if ramp_steps <= 0 or step >= start_step + ramp_steps:
+        return float(eps)
+    final = start_step + ramp_steps
+    mid = int(ramp_steps * mid_point) + start_step
+    if mid <= start_step:  # ramp too short for the polynomial part: plain linear
+        return float(eps) * (step - start_step) / ramp_steps
+    t = (mid - start_step) ** (beta - 1.0)
+    a = eps / ((final - mid) * beta * t + (mid - start_step) * t)
+    mid_value = a * (mid - start_step) ** beta
+    if step < mid:
+        return float(a * (step - start_step) ** beta)
+    return float(min(mid_value + (eps - mid_value) * (step - mid) / (final - mid), eps))
+
+
+def lr_at(epoch: int, lr: float, milestones: Sequence[int], decay: float) -> float:
+    """Step decay: ``lr * decay^k`` where k = number of milestones <= epoch (0-indexed epochs)."""
+    return lr * decay ** sum(1 for m in milestones if epoch >= m)
+
+
+def linear_decay(step: int, start: float, end: float, start_step: int, total_steps: int) -> float:
+    """``start`` until ``start_step``, then linearly to ``end`` at ``total_steps``."""
+    if step <= start_step or total_steps <= start_step:
+        return start if step <= start_step else end
+    frac = min(1.0, (step - start_step) / (total_steps - start_step))
+    return start + (end - start) * frac

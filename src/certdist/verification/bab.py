@@ -1,0 +1,228 @@
+"""Complete verification by branch and bound on ReLU splits (BaBSR-style, Bunel et al. 2020).
+
+Works on the dense chain of :mod:`certdist.verification.dense` in float64. A *domain* is the input
+box together with pre-activation bounds in which some unstable ReLUs are fixed (``l = 0``: active,
+``u = 0``: inactive). Each step pops the ``batch`` domains with the lowest bounds, splits each on the
+neuron with the largest score, re-bounds all children at once (CROWN for the later layers'
+pre-activations given the splits, then CROWN, optionally with optimised lower slopes (alpha-CROWN),
+for the margin) and
+
+- drops a child whose bound is > 0 or whose bounds are contradictory (``l > u``: empty domain);
+- evaluates the network at the minimiser of the child's linear bound; a misclassified point that the
+  caller's ``check`` validates ends the search (falsified);
+- solves a child with no unstable ReLU left exactly (an LP, :mod:`certdist.verification.milp`), which
+  makes the search complete: every leaf is decided.
+
+Branching score: ``|A_neg| * (-l u / (u - l))``, the loss of the triangle relaxation's upper intercept
+weighted by the backward coefficient of the margin bound (the BaBSR intercept score); ties and zeros
+are broken by ``-l u / (u - l)``.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from certdist.verification import milp
+from certdist.verification.dense import DenseNet, backward_lower, crown_bounds
+
+
+@dataclass
+class BabResult:
+    status: str                          # verified | falsified | unknown
+    lower: float                         # proven lower bound of the smallest margin (-inf if unknown)
+    counterexample: torch.Tensor | None = None
+    domains: int = 0                     # domains bounded
+    message: str = ""
+
+
+@dataclass
+class _Domain:
+    lbs: list[torch.Tensor]
+    ubs: list[torch.Tensor]
+    split: tuple[int, int] | None        # (layer, neuron) to branch on next
+
+
+def _stack(domains: list[_Domain], attr: str) -> list[torch.Tensor]:
+    return [torch.stack(ts) for ts in zip(*(getattr(d, attr) for d in domains))]
+
+
+def _children(domains: list[_Domain]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """Two children per domain (active first, then inactive), stacked: [2D, n_k] per layer."""
+    lbs, ubs = _stack(domains, "lbs"), _stack(domains, "ubs")
+    lbs = [torch.cat([l, l]) for l in lbs]
+    ubs = [torch.cat([u, u]) for u in ubs]
+    D = len(domains)
+    for i, d in enumerate(domains):
+        k, j = d.split
+        lbs[k][i, j] = 0.0
+        ubs[k][D + i, j] = 0.0
+    return lbs, ubs, min(d.split[0] for d in domains)
+
+
+def _optimise_alpha(net: DenseNet, A: torch.Tensor, lbs, ubs, x_lo, x_hi, steps: int, lr: float) -> torch.Tensor:
+    """Best lower bound over ``steps`` of projected Adam on the unstable lower slopes."""
+    alphas = []
+    for l, u in zip(lbs, ubs):
+        alphas.append((u > -l).to(l.dtype).unsqueeze(1).clone().requires_grad_(True))
+    opt = torch.optim.Adam(alphas, lr=lr)
+    best = None
+    with torch.enable_grad():
+        for _ in range(steps):
+            low = backward_lower(net, net.num_relu_layers, A, lbs, ubs, x_lo, x_hi, alphas=alphas).lower
+            best = low.detach() if best is None else torch.maximum(best, low.detach())
+            opt.zero_grad()
+            (-low.sum()).backward()
+            opt.step()
+            with torch.no_grad():
+                for a in alphas:
+                    a.clamp_(0, 1)
+    return best
+
+
+def _choose(scores: list[torch.Tensor], lbs, ubs) -> list[tuple[int, int] | None]:
+    """(layer, neuron) with the largest branching score per domain; None when nothing is unstable."""
+    flat, sizes = [], []
+    for s, l, u in zip(scores, lbs, ubs):
+        unstable = (l < 0) & (u > 0)
+        tri = torch.where(unstable, -l * u / (u - l).clamp(min=1e-30), torch.zeros_like(l))
+        flat.append(torch.where(unstable, s[:, 0] + 1e-4 * tri, torch.full_like(l, -1.0)))
+        sizes.append(l.shape[1])
+    allf = torch.cat(flat, 1)
+    best, idx = allf.max(1)
+    offsets = list(itertools.accumulate(sizes))
+    out = []
+    for b, i in zip(best.tolist(), idx.tolist()):
+        if b < 0:
+            out.append(None)
+            continue
+        k = next(n for n, off in enumerate(offsets) if i < off)
+        out.append((k, i - (offsets[k - 1] if k else 0)))
+    return out
+
+
+class _RowSearch:
+    """Branch and bound for one margin row ``c`` (``c^T logits > 0`` on the box)."""
+
+    def __init__(self, net: DenseNet, c: torch.Tensor, x_lo, x_hi, check, batch: int, alpha_steps: int,
+                 alpha_lr: float, deadline: float) -> None:
+        self.net, self.c, self.x_lo, self.x_hi, self.check = net, c, x_lo, x_hi, check
+        self.batch, self.alpha_steps, self.alpha_lr, self.deadline = batch, alpha_steps, alpha_lr, deadline
+        self.heap: list = []
+        self.counter = itertools.count()
+        self.domains = 0
+        self.unresolved = 0
+        self.counterexample: torch.Tensor | None = None
+        self.proved = float("inf")  # smallest bound of a domain proved safe
+
+    def bound(self, lbs, ubs) -> tuple[torch.Tensor, torch.Tensor, list]:
+        D = lbs[0].shape[0] if lbs else 1
+        A = self.c.view(1, 1, -1).expand(D, 1, -1)
+        lo, hi = self.x_lo.expand(D, -1), self.x_hi.expand(D, -1)
+        res = backward_lower(self.net, self.net.num_relu_layers, A, lbs, ubs, lo, hi, want_scores=True)
+        lower = res.lower[:, 0]
+        if self.alpha_steps > 0 and lbs:
+            lower = torch.maximum(lower, _optimise_alpha(self.net, A, lbs, ubs, lo, hi, self.alpha_steps,
+                                                         self.alpha_lr)[:, 0])
+        self.domains += D
+        return lower, res.minimiser[:, 0], res.scores
+
+    def try_points(self, xs: torch.Tensor) -> bool:
+        """Validate the points whose margin is negative in the dense network; True on a counterexample."""
+        margins = self.net.forward(xs) @ self.c
+        for i in torch.argsort(margins).tolist():
+            if margins[i] >= 0:
+                break
+            cex = self.check(xs[i])
+            if cex is not None:
+                self.counterexample = cex
+                return True
+        return False
+
+    def leaf(self, lbs: list[torch.Tensor], ubs: list[torch.Tensor]) -> bool:
+        """Decide a domain without unstable ReLUs by an LP; True on a counterexample."""
+        form = milp.build(self.net, self.x_lo[0].numpy(), self.x_hi[0].numpy(), [l.numpy() for l in lbs],
+                          [u.numpy() for u in ubs])
+        row = milp.solve_row(form, self.net, self.c.numpy(), max(self.deadline - time.monotonic(), 1e-3))
+        if row.status == "verified":
+            self.proved = min(self.proved, row.lower)
+            return False
+        if row.x is not None and self.try_points(torch.from_numpy(row.x).unsqueeze(0)):
+            return True
+        self.unresolved += 1  # a tie at margin 0 or a numerical disagreement: cannot be decided
+        return False
+
+    def process(self, lbs, ubs, lower, minimisers, scores) -> bool:
+        """Prune, check and queue bounded domains; True when a counterexample was found."""
+        empty = torch.stack([(l > u + 1e-9).any(1) for l, u in zip(lbs, ubs)]).any(0) if lbs else \
+            torch.zeros(len(lower), dtype=torch.bool)
+        open_ = (~empty) & (lower <= 0)
+        if ((~empty) & ~open_).any():
+            self.proved = min(self.proved, float(lower[(~empty) & ~open_].min()))
+        if open_.any() and self.try_points(minimisers[open_]):
+            return True
+        choices = _choose(scores, lbs, ubs) if lbs else [None] * len(lower)
+        for i in torch.nonzero(open_).flatten().tolist():
+            dl, du = [l[i] for l in lbs], [u[i] for u in ubs]
+            if choices[i] is None:
+                if self.leaf(dl, du):
+                    return True
+                continue
+            heapq.heappush(self.heap, (float(lower[i]), next(self.counter), _Domain(dl, du, choices[i])))
+        return False
+
+    def run(self, lbs: list[torch.Tensor], ubs: list[torch.Tensor]) -> BabResult:
+        root_l, root_u = [l.unsqueeze(0) for l in lbs], [u.unsqueeze(0) for u in ubs]
+        lower, mins, scores = self.bound(root_l, root_u)
+        if self.process(root_l, root_u, lower, mins, scores):
+            return BabResult("falsified", float(lower.min()), self.counterexample, self.domains)
+        while self.heap:
+            if time.monotonic() > self.deadline:
+                return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
+            popped = [heapq.heappop(self.heap)[2] for _ in range(min(self.batch, len(self.heap)))]
+            c_l, c_u, first = _children(popped)
+            D2 = c_l[0].shape[0]
+            c_l, c_u = crown_bounds(self.net, self.x_lo.expand(D2, -1), self.x_hi.expand(D2, -1), c_l, c_u,
+                                    start=first + 1)
+            lower, mins, scores = self.bound(c_l, c_u)
+            if self.process(c_l, c_u, lower, mins, scores):
+                return BabResult("falsified", -float("inf"), self.counterexample, self.domains)
+        if self.unresolved:
+            return BabResult("unknown", -float("inf"), None, self.domains,
+                             f"{self.unresolved} leaf domains with margin ~0 could not be decided")
+        return BabResult("verified", self.proved, None, self.domains)
+
+
+def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor, time_limit: float,
+               check: Callable[[torch.Tensor], torch.Tensor | None], batch: int = 64, alpha_steps: int = 0,
+               alpha_lr: float = 0.1, root_bounds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+               ) -> BabResult:
+    """Decide ``C logits > 0`` on the box ``[x_lo, x_hi]`` (flat [n_0]; ``C``: [S, K]) row by row.
+
+    ``check(x)`` receives a candidate input (flat float64) and returns the validated counterexample or
+    ``None``. ``root_bounds``: pre-activation bounds (flat [n_k] per ReLU layer), default dense CROWN.
+    The returned ``lower`` is a proven lower bound of the smallest margin only when verified."""
+    deadline = time.monotonic() + time_limit
+    x_lo = x_lo.to(torch.float64).view(1, -1)
+    x_hi = x_hi.to(torch.float64).view(1, -1)
+    if root_bounds is None:
+        lbs, ubs = crown_bounds(net, x_lo, x_hi)
+        lbs, ubs = [l[0] for l in lbs], [u[0] for u in ubs]
+    else:
+        lbs, ubs = root_bounds
+    result = BabResult("verified", float("inf"))
+    for c in C.to(torch.float64):
+        row = _RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline).run(lbs, ubs)
+        result.domains += row.domains
+        if row.status == "falsified":
+            return BabResult("falsified", row.lower, row.counterexample, result.domains)
+        result.lower = min(result.lower, row.lower)
+        if row.status == "unknown":
+            result.status, result.message = "unknown", row.message
+            if time.monotonic() > deadline:
+                break
+    return result

@@ -1,0 +1,196 @@
+"""Exact verification of a ReLU network by mixed-integer linear programming (HiGHS).
+
+Big-M formulation (Tjeng et al. 2019) on the dense chain of :mod:`certdist.verification.dense`,
+with pre-activation bounds ``[l, u]`` from IBP/CROWN: for an unstable ReLU ``a = relu(z)``
+
+    a >= z,  a >= 0,  a <= u d,  a <= z - l (1 - d),  d in {0, 1};
+
+a stable one is linear (``a = z`` or ``a = 0``). Each margin ``c^T logits`` is minimised separately;
+a row is verified when HiGHS's dual bound is above ``verify_tol``, and a primal solution with a
+negative margin is only a *candidate* counterexample: the caller's ``check`` (the eval-mode torch
+model) decides. A leaf of branch and bound (all ReLUs fixed) is the same program without integers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from certdist.verification.dense import DenseNet
+
+VERIFY_TOL = 1e-6
+
+
+@dataclass
+class Formulation:
+    highs: object
+    n_inputs: int
+    out_cols: np.ndarray        # columns of the last ReLU layer's activations (or the inputs)
+    num_binaries: int
+
+
+@dataclass
+class RowResult:
+    status: str                 # verified | falsified | unknown
+    lower: float                # proven lower bound of the margin
+    value: float | None         # best primal margin found
+    x: np.ndarray | None        # input of the best primal solution
+
+
+@dataclass
+class MilpResult:
+    status: str                 # verified | falsified | unknown
+    lower: float                # min over rows of the proven lower bounds
+    counterexample: torch.Tensor | None = None
+    rows: list[RowResult] = field(default_factory=list)
+    message: str = ""
+
+
+def _new_highs(threads: int):
+    import highspy
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", int(threads))
+    h.setOptionValue("mip_abs_gap", 1e-9)
+    h.setOptionValue("mip_rel_gap", 1e-9)
+    return h
+
+
+class _Rows:
+    """Accumulates sparse rows ``lo <= sum v x <= hi`` and passes them to HiGHS in one call."""
+
+    def __init__(self) -> None:
+        self.lo, self.hi, self.starts, self.idx, self.val = [], [], [], [], []
+        self.nnz = 0
+
+    def add(self, idx: np.ndarray, val: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Rows given as 2-D arrays ``idx/val`` [R, m] (same length per row) and bounds [R]."""
+        R, m = idx.shape
+        self.starts.append(self.nnz + m * np.arange(R))
+        self.idx.append(idx.ravel())
+        self.val.append(val.ravel())
+        self.lo.append(lo)
+        self.hi.append(hi)
+        self.nnz += R * m
+
+    def pass_to(self, h) -> None:
+        if not self.lo:
+            return
+        lo, hi = np.concatenate(self.lo), np.concatenate(self.hi)
+        h.addRows(len(lo), lo, hi, self.nnz, np.concatenate(self.starts).astype(np.int32),
+                  np.concatenate(self.idx).astype(np.int32), np.concatenate(self.val).astype(np.float64))
+
+
+def build(net: DenseNet, x_lo: np.ndarray, x_hi: np.ndarray, lbs: list[np.ndarray], ubs: list[np.ndarray],
+          threads: int = 1) -> Formulation:
+    """The big-M program of ``net`` over the input box with pre-activation bounds ``lbs/ubs``
+    (flat, one per ReLU layer; split constraints are expressed through them)."""
+    import highspy
+    h = _new_highs(threads)
+    inf = highspy.kHighsInf
+    rows = _Rows()
+    n0 = x_lo.size
+    h.addVars(n0, x_lo.astype(np.float64), x_hi.astype(np.float64))
+    prev = np.arange(n0)
+    ncol, nbin = n0, 0
+    for k in range(net.num_relu_layers):
+        W, b = net.weights[k].numpy(), net.biases[k].numpy()
+        l, u = lbs[k].astype(np.float64), ubs[k].astype(np.float64)
+        u = np.maximum(u, l)
+        n = W.shape[0]
+        z = ncol + np.arange(n)
+        a = z + n
+        h.addVars(n, l, u)
+        h.addVars(n, np.maximum(l, 0), np.maximum(u, 0))
+        ncol += 2 * n
+        # z - W a_prev = b
+        idx = np.concatenate([z[:, None], np.broadcast_to(prev, (n, prev.size))], axis=1)
+        rows.add(idx, np.concatenate([np.ones((n, 1)), -W], axis=1), b, b)
+        act = l >= 0
+        if act.any():
+            rows.add(np.stack([a[act], z[act]], 1), np.tile([1.0, -1.0], (int(act.sum()), 1)),
+                     np.zeros(act.sum()), np.zeros(act.sum()))
+        unst = np.flatnonzero((l < 0) & (u > 0))
+        m = unst.size
+        if m:
+            d = ncol + np.arange(m)
+            h.addVars(m, np.zeros(m), np.ones(m))
+            h.changeColsIntegrality(m, d.astype(np.int32), np.array([highspy.HighsVarType.kInteger] * m))
+            ncol += m
+            nbin += m
+            au, zu, lu, uu = a[unst], z[unst], l[unst], u[unst]
+            rows.add(np.stack([au, zu], 1), np.tile([1.0, -1.0], (m, 1)), np.zeros(m), np.full(m, inf))
+            rows.add(np.stack([au, d], 1), np.stack([np.ones(m), -uu], 1), np.full(m, -inf), np.zeros(m))
+            rows.add(np.stack([au, zu, d], 1), np.stack([np.ones(m), -np.ones(m), -lu], 1),
+                     np.full(m, -inf), -lu)
+        prev = a
+    rows.pass_to(h)
+    return Formulation(h, n0, prev, nbin)
+
+
+def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float,
+              target: float | None = None) -> RowResult:
+    """Minimise ``c^T logits``; stop early once a margin below ``target`` is found."""
+    import highspy
+    h = form.highs
+    W, b = net.weights[-1].numpy(), net.biases[-1].numpy()
+    cost = c @ W
+    h.changeColsCost(cost.size, form.out_cols.astype(np.int32), cost.astype(np.float64))
+    h.changeObjectiveOffset(float(c @ b))
+    h.setOptionValue("time_limit", max(float(time_limit), 1e-3))
+    h.setOptionValue("objective_target", -np.inf if target is None else float(target))
+    h.run()
+    st = h.getModelStatus()
+    info = h.getInfo()
+    if st == highspy.HighsModelStatus.kInfeasible:
+        return RowResult("verified", float("inf"), None, None)
+    has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    value = float(info.objective_function_value) if has_sol else None
+    x = np.array(h.getSolution().col_value[:form.n_inputs]) if has_sol else None
+    if form.num_binaries == 0:
+        lower = value if st == highspy.HighsModelStatus.kOptimal else -float("inf")
+    else:
+        lower = float(info.mip_dual_bound)
+        lower = lower if np.isfinite(lower) else -float("inf")
+    status = "verified" if lower > VERIFY_TOL else ("falsified" if value is not None and value < 0 else "unknown")
+    return RowResult(status, lower, value, x)
+
+
+def milp_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor,
+                lbs: list[torch.Tensor], ubs: list[torch.Tensor], time_limit: float,
+                check: Callable[[torch.Tensor], torch.Tensor | None], threads: int = 1) -> MilpResult:
+    """Decide ``C logits > 0`` on the box (flat ``x_lo/x_hi`` [n_0], ``C`` [S, K], bounds [n_k]).
+
+    ``check(x)`` takes a candidate input (flat, float64) and returns the validated counterexample
+    (in the model's input shape) or ``None``; only validated points are reported as falsified."""
+    deadline = time.monotonic() + time_limit
+    form = build(net, x_lo.numpy(), x_hi.numpy(), [l.numpy() for l in lbs], [u.numpy() for u in ubs], threads)
+    res = MilpResult("verified", float("inf"))
+    for c in C.to(torch.float64).numpy():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            res.status, res.message = "unknown", "time limit"
+            res.lower = min(res.lower, -float("inf"))
+            return res
+        row = solve_row(form, net, c, left, target=-VERIFY_TOL)
+        if row.status == "falsified":
+            cex = check(torch.from_numpy(row.x))
+            if cex is None and form.num_binaries and deadline > time.monotonic():  # early stop: solve fully
+                row = solve_row(form, net, c, deadline - time.monotonic())
+                cex = check(torch.from_numpy(row.x)) if row.x is not None and row.value < 0 else None
+            if cex is not None:
+                res.status, res.counterexample = "falsified", cex
+                res.rows.append(row)
+                res.lower = min(res.lower, row.lower)
+                return res
+            row.status = "unknown" if row.lower <= VERIFY_TOL else "verified"
+        res.rows.append(row)
+        res.lower = min(res.lower, row.lower)
+        if row.status != "verified":
+            res.status = "unknown"
+            res.message = "candidate counterexample failed the re-check" if row.value is not None and row.value < 0 \
+                else "time limit"
+    return res
