@@ -137,3 +137,15 @@ def lirpa_cases():
     if not (SHARED / "lirpa_bounds.json").exists():
         pytest.fail(f"reference bounds not found at {SHARED}")
     return reference_cases()
+
+
+def relu_inputs(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every ReLU of ``net.layers()`` (forward order) on the batch ``x``: an oracle for
+    pre-activation bounds. Use an eval-mode net (or :func:`frozen_batch_stats_copy`)."""
+    out = []
+    a = x
+    for m in net.layers():
+        if isinstance(m, nn.ReLU):
+            out.append(a)
+        a = m(a)
+    return out

@@ -199,8 +199,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         row |= {f"train_{k}": round(v / max(count, 1), 5) for k, v in sums.items()}
         row |= _quick_eval(model, test_data, test_threat, device)
         logger.log(row)
-        if cfg.progress:
-            tqdm.write(" ".join(f"{k}={v}" for k, v in row.items()))
+        tqdm.write(f"[{cfg.name}] " + " ".join(f"{k}={v}" for k, v in row.items()))
         _save(last, cfg, model, opt, teacher, epoch, logger.rows, finished=False)
 
     results = evaluate(model, test_data.images, test_data.labels, test_threat, cfg.eval.pgd_steps,

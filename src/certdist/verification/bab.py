@@ -44,6 +44,7 @@ class BabResult:
 class _Domain:
     lbs: list[torch.Tensor]
     ubs: list[torch.Tensor]
+    splits: list[torch.Tensor]           # +1: z >= 0, -1: z <= 0, 0: not split (int8, per layer)
     split: tuple[int, int] | None        # (layer, neuron) to branch on next
 
 
@@ -51,29 +52,32 @@ def _stack(domains: list[_Domain], attr: str) -> list[torch.Tensor]:
     return [torch.stack(ts) for ts in zip(*(getattr(d, attr) for d in domains))]
 
 
-def _children(domains: list[_Domain]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+def _children(domains: list[_Domain]):
     """Two children per domain (active first, then inactive), stacked: [2D, n_k] per layer."""
-    lbs, ubs = _stack(domains, "lbs"), _stack(domains, "ubs")
-    lbs = [torch.cat([l, l]) for l in lbs]
-    ubs = [torch.cat([u, u]) for u in ubs]
+    lbs, ubs, spl = (_stack(domains, a) for a in ("lbs", "ubs", "splits"))
+    lbs, ubs, spl = ([torch.cat([t, t]) for t in ts] for ts in (lbs, ubs, spl))
     D = len(domains)
     for i, d in enumerate(domains):
         k, j = d.split
-        lbs[k][i, j] = 0.0
-        ubs[k][D + i, j] = 0.0
-    return lbs, ubs, min(d.split[0] for d in domains)
+        lbs[k][i, j] = max(float(lbs[k][i, j]), 0.0)
+        spl[k][i, j] = 1
+        ubs[k][D + i, j] = min(float(ubs[k][D + i, j]), 0.0)
+        spl[k][D + i, j] = -1
+    return lbs, ubs, spl, min(d.split[0] for d in domains)
 
 
-def _optimise_alpha(net: DenseNet, A: torch.Tensor, lbs, ubs, x_lo, x_hi, steps: int, lr: float) -> torch.Tensor:
-    """Best lower bound over ``steps`` of projected Adam on the unstable lower slopes."""
-    alphas = []
-    for l, u in zip(lbs, ubs):
-        alphas.append((u > -l).to(l.dtype).unsqueeze(1).clone().requires_grad_(True))
-    opt = torch.optim.Adam(alphas, lr=lr)
+def _optimise(net: DenseNet, A: torch.Tensor, lbs, ubs, splits, x_lo, x_hi, steps: int, lr: float) -> torch.Tensor:
+    """alpha-beta-CROWN: the best lower bound over ``steps`` of projected Adam on the unstable lower
+    slopes (alpha in [0, 1]) and the split multipliers (beta >= 0)."""
+    alphas = [(u > -l).to(l.dtype).unsqueeze(1).clone().requires_grad_(True) for l, u in zip(lbs, ubs)]
+    signs = [-s.to(torch.float64).unsqueeze(1) for s in splits]
+    raw = [torch.zeros_like(sg).requires_grad_(True) for sg in signs]
+    opt = torch.optim.Adam(alphas + raw, lr=lr)
     best = None
     with torch.enable_grad():
         for _ in range(steps):
-            low = backward_lower(net, net.num_relu_layers, A, lbs, ubs, x_lo, x_hi, alphas=alphas).lower
+            betas = [r * sg for r, sg in zip(raw, signs)]
+            low = backward_lower(net, net.num_relu_layers, A, lbs, ubs, x_lo, x_hi, alphas=alphas, betas=betas).lower
             best = low.detach() if best is None else torch.maximum(best, low.detach())
             opt.zero_grad()
             (-low.sum()).backward()
@@ -81,6 +85,8 @@ def _optimise_alpha(net: DenseNet, A: torch.Tensor, lbs, ubs, x_lo, x_hi, steps:
             with torch.no_grad():
                 for a in alphas:
                     a.clamp_(0, 1)
+                for r in raw:
+                    r.clamp_(min=0)
     return best
 
 
@@ -119,15 +125,15 @@ class _RowSearch:
         self.counterexample: torch.Tensor | None = None
         self.proved = float("inf")  # smallest bound of a domain proved safe
 
-    def bound(self, lbs, ubs) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def bound(self, lbs, ubs, splits) -> tuple[torch.Tensor, torch.Tensor, list]:
         D = lbs[0].shape[0] if lbs else 1
         A = self.c.view(1, 1, -1).expand(D, 1, -1)
         lo, hi = self.x_lo.expand(D, -1), self.x_hi.expand(D, -1)
         res = backward_lower(self.net, self.net.num_relu_layers, A, lbs, ubs, lo, hi, want_scores=True)
         lower = res.lower[:, 0]
         if self.alpha_steps > 0 and lbs:
-            lower = torch.maximum(lower, _optimise_alpha(self.net, A, lbs, ubs, lo, hi, self.alpha_steps,
-                                                         self.alpha_lr)[:, 0])
+            lower = torch.maximum(lower, _optimise(self.net, A, lbs, ubs, splits, lo, hi, self.alpha_steps,
+                                                   self.alpha_lr)[:, 0])
         self.domains += D
         return lower, res.minimiser[:, 0], res.scores
 
@@ -156,7 +162,7 @@ class _RowSearch:
         self.unresolved += 1  # a tie at margin 0 or a numerical disagreement: cannot be decided
         return False
 
-    def process(self, lbs, ubs, lower, minimisers, scores) -> bool:
+    def process(self, lbs, ubs, splits, lower, minimisers, scores) -> bool:
         """Prune, check and queue bounded domains; True when a counterexample was found."""
         empty = torch.stack([(l > u + 1e-9).any(1) for l, u in zip(lbs, ubs)]).any(0) if lbs else \
             torch.zeros(len(lower), dtype=torch.bool)
@@ -167,29 +173,30 @@ class _RowSearch:
             return True
         choices = _choose(scores, lbs, ubs) if lbs else [None] * len(lower)
         for i in torch.nonzero(open_).flatten().tolist():
-            dl, du = [l[i] for l in lbs], [u[i] for u in ubs]
+            dl, du, ds = [l[i] for l in lbs], [u[i] for u in ubs], [t[i] for t in splits]
             if choices[i] is None:
                 if self.leaf(dl, du):
                     return True
                 continue
-            heapq.heappush(self.heap, (float(lower[i]), next(self.counter), _Domain(dl, du, choices[i])))
+            heapq.heappush(self.heap, (float(lower[i]), next(self.counter), _Domain(dl, du, ds, choices[i])))
         return False
 
     def run(self, lbs: list[torch.Tensor], ubs: list[torch.Tensor]) -> BabResult:
         root_l, root_u = [l.unsqueeze(0) for l in lbs], [u.unsqueeze(0) for u in ubs]
-        lower, mins, scores = self.bound(root_l, root_u)
-        if self.process(root_l, root_u, lower, mins, scores):
+        root_s = [torch.zeros_like(l, dtype=torch.int8) for l in root_l]
+        lower, mins, scores = self.bound(root_l, root_u, root_s)
+        if self.process(root_l, root_u, root_s, lower, mins, scores):
             return BabResult("falsified", float(lower.min()), self.counterexample, self.domains)
         while self.heap:
             if time.monotonic() > self.deadline:
                 return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
             popped = [heapq.heappop(self.heap)[2] for _ in range(min(self.batch, len(self.heap)))]
-            c_l, c_u, first = _children(popped)
+            c_l, c_u, c_s, first = _children(popped)
             D2 = c_l[0].shape[0]
             c_l, c_u = crown_bounds(self.net, self.x_lo.expand(D2, -1), self.x_hi.expand(D2, -1), c_l, c_u,
-                                    start=first + 1)
-            lower, mins, scores = self.bound(c_l, c_u)
-            if self.process(c_l, c_u, lower, mins, scores):
+                                    splits=c_s, start=first + 1)
+            lower, mins, scores = self.bound(c_l, c_u, c_s)
+            if self.process(c_l, c_u, c_s, lower, mins, scores):
                 return BabResult("falsified", -float("inf"), self.counterexample, self.domains)
         if self.unresolved:
             return BabResult("unknown", -float("inf"), None, self.domains,
@@ -198,7 +205,7 @@ class _RowSearch:
 
 
 def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor, time_limit: float,
-               check: Callable[[torch.Tensor], torch.Tensor | None], batch: int = 64, alpha_steps: int = 0,
+               check: Callable[[torch.Tensor], torch.Tensor | None], batch: int = 64, alpha_steps: int = 20,
                alpha_lr: float = 0.1, root_bounds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
                ) -> BabResult:
     """Decide ``C logits > 0`` on the box ``[x_lo, x_hi]`` (flat [n_0]; ``C``: [S, K]) row by row.

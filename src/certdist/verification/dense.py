@@ -121,12 +121,19 @@ def relu_relaxation(l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None
 
 def backward_lower(net: DenseNet, k: int, A: torch.Tensor, lbs: list[torch.Tensor], ubs: list[torch.Tensor],
                    x_lo: torch.Tensor, x_hi: torch.Tensor, alphas: list[torch.Tensor] | None = None,
-                   want_scores: bool = False) -> BackwardResult:
+                   betas: list[torch.Tensor] | None = None, want_scores: bool = False) -> BackwardResult:
     """Lower bound of ``A z_k`` (``A``: [D, S, n_k]) over the input box [x_lo, x_hi] ([D, n_0]) given
-    pre-activation bounds ``lbs/ubs[j]`` ([D, n_j]) for the ReLU layers j < k."""
+    pre-activation bounds ``lbs/ubs[j]`` ([D, n_j]) for the ReLU layers j < k.
+
+    ``alphas[j]``: lower slopes of the unstable ReLUs ([D, S or 1, n_j]; default adaptive).
+    ``betas[j]``: Lagrange terms of split constraints (beta-CROWN, Wang et al. 2021) already signed:
+    ``-beta`` for a split ``z >= 0``, ``+beta`` for ``z <= 0`` (beta >= 0), zero elsewhere; adding
+    ``sum betas[j] z_j`` (<= 0 on the domain) keeps the bound sound."""
     bias = torch.zeros(A.shape[:2], dtype=A.dtype)
     scores = [] if want_scores else None
     for j in range(k, -1, -1):
+        if betas is not None and j < k:
+            A = A + betas[j]
         bias = bias + A @ net.biases[j]
         A = A @ net.weights[j]
         if j == 0:
@@ -143,10 +150,6 @@ def backward_lower(net: DenseNet, k: int, A: torch.Tensor, lbs: list[torch.Tenso
     minimiser = torch.where(A >= 0, lo, hi)
     lower = bias + (A * minimiser).sum(-1)
     return BackwardResult(lower, minimiser.detach(), scores)
-
-
-def input_bounds(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x_lo.to(torch.float64).flatten(1), x_hi.to(torch.float64).flatten(1)
 
 
 def ibp_bounds(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -1,0 +1,53 @@
+import pytest
+
+from certdist.config import ConfigError, RunConfig, dump_yaml, from_dict, load_config, to_dict
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: cc-ibp\neps: 0.3\nattack: {steps: 3}\n")
+    c = load_config(f, ["attack.steps=5", "lr_milestones=[2, 3]", "distill.beta=0.01"])
+    assert c.method == "cc-ibp" and c.eps == 0.3 and c.attack.steps == 5
+    assert c.lr_milestones == (2, 3) and c.distill.beta == 0.01
+    assert c.attack.step_size == RunConfig().attack.step_size
+
+
+def test_round_trip_through_yaml(tmp_path):
+    c = load_config(None, ["method=sabr", "sabr_lambda=0.3", "data.train_limit=10"])
+    f = tmp_path / "r.yaml"
+    f.write_text(dump_yaml(c))
+    assert load_config(f) == c
+    assert from_dict(to_dict(c)) == c
+
+
+def test_frozen():
+    c = RunConfig()
+    with pytest.raises(Exception):
+        c.eps = 0.2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("epsilon=0.1", r"unknown config key 'epsilon'; valid keys: .*eps"),
+    ("attack.stepz=1", r"unknown config key 'attack.stepz'; valid keys under attack: .*steps"),
+    ("eps=-0.1", r"eps: must be >= 0"),
+    ("method=magic", r"unknown method 'magic'; valid: standard, pgd-at, ibp"),
+    ("epochs=two", r"epochs: expected an integer"),
+    ("alpha=1.5", r"alpha: must lie in \[0, 1\]"),
+    ("distill.level=pixels", r"distill.level"),
+    ("progress=maybe", r"progress: expected true/false"),
+])
+def test_bad_values_are_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_missing_file_and_bad_override():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/cfg.yaml")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["eps"])
+
+
+def test_teacher_needs_certified_method():
+    with pytest.raises(ConfigError, match="distillation needs a certified method"):
+        load_config(None, ["method=standard", "distill.teacher=t.pt"])

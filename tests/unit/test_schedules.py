@@ -1,0 +1,37 @@
+import pytest
+
+from certdist.training.schedules import linear_decay, lr_at, smooth_eps
+
+
+def test_smooth_eps_shape():
+    eps, start, ramp = 0.2, 100, 400
+    vals = [smooth_eps(s, eps, start, ramp) for s in range(0, 700)]
+    assert all(v == 0 for v in vals[:start + 1])
+    assert vals[start + ramp] == pytest.approx(eps) and vals[-1] == pytest.approx(eps)
+    assert all(b >= a - 1e-12 for a, b in zip(vals, vals[1:])), "monotone"
+    assert max(vals) <= eps + 1e-12
+    mid = start + ramp // 4
+    # polynomial part lies below the straight line; linear part has constant slope
+    assert vals[mid - 50] < eps * (mid - 50 - start) / ramp
+    d1 = vals[mid + 101] - vals[mid + 100]
+    d2 = vals[mid + 201] - vals[mid + 200]
+    assert d1 == pytest.approx(d2, rel=1e-6)
+    # slopes match at the switch point
+    left = vals[mid] - vals[mid - 1]
+    assert left == pytest.approx(d1, rel=0.05)
+
+
+def test_smooth_eps_edge_cases():
+    assert smooth_eps(5, 0.1, 10, 0) == 0.0
+    assert smooth_eps(10, 0.1, 10, 0) == 0.1
+    assert smooth_eps(12, 0.1, 10, 2) == 0.1
+    assert 0 < smooth_eps(11, 0.1, 10, 2) < 0.1
+
+
+def test_lr_and_linear_decay():
+    assert lr_at(0, 1.0, (8, 9), 0.2) == 1.0
+    assert lr_at(8, 1.0, (8, 9), 0.2) == pytest.approx(0.2)
+    assert lr_at(9, 1.0, (8, 9), 0.2) == pytest.approx(0.04)
+    assert linear_decay(0, 1.0, 0.0, 10, 110) == 1.0
+    assert linear_decay(60, 1.0, 0.0, 10, 110) == pytest.approx(0.5)
+    assert linear_decay(200, 1.0, 0.0, 10, 110) == 0.0
