@@ -90,7 +90,7 @@ def place_idx(folder: Path, contents: dict[str, bytes], gz: bool) -> None:
 
 # ---------------------------------------------------------------------------------- registry
 def test_registry() -> None:
-    assert set(DATASETS) == {"mnist", "fashion-mnist", "cifar10", "tinyimagenet", "imagenet64"}
+    assert set(DATASETS) == {"mnist", "fashion-mnist", "cifar10", "tinyimagenet", "imagenet64", "synthetic"}
     for info in DATASETS.values():
         assert len(info.mean) == len(info.std) == info.channels
         assert info.crop_padding == (0 if not info.augment else (4 if info.size == 32 else 8))

@@ -66,6 +66,9 @@ DATASETS: dict[str, DatasetInfo] = {
             "imagenet64", 1000, 3, 64, (0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758), True, 8,
             1_281_167, 50_000,
         ),
+        # A generated, file-free 4-class task (8x8 grey images, one bright quadrant per class plus
+        # noise) for smoke tests and examples; see certdist.data.loading.synthetic.
+        DatasetInfo("synthetic", 4, 1, 8, (0.3,), (0.3,), False, 0, 2_000, 500),
     )
 }
 

@@ -449,5 +449,7 @@ def fetch(name: str, data_dir: str | os.PathLike[str] | None = None, progress: b
     in which sources are tried.
     """
     folder = dataset_folder(name, data_dir)
+    if name == "synthetic":  # generated on the fly, nothing to fetch
+        return folder
     ensure(name, folder, SPLITS, download=True, progress=progress)
     return folder

@@ -96,7 +96,7 @@ def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     n = train.labels.shape[0]
     perm = torch.randperm(n, generator=g)
-    pad = 4 if train.info.size <= 32 else 8
+    pad = train.info.crop_padding
     for s in range(0, n, cfg.batch_size):
         idx = perm[s:s + cfg.batch_size]
         if idx.numel() < 2 and n > 1:  # a batch of one breaks BatchNorm; skip the remainder

@@ -1,0 +1,445 @@
+"""The staged certification pipeline: one verdict per test point, written as JSON lines.
+
+Per point, in order (the first conclusive stage ends the point):
+
+1. ``clean``: the eval-mode network misclassifies ``x`` -> ``misclassified``;
+2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
+3. ``ibp`` -> ``crown`` -> ``alpha-crown``: a lower bound > 0 on every margin -> ``verified``;
+4. complete verification with the time left (``bab`` or ``milp``, chosen by size under
+   ``complete="auto"``) -> ``verified`` / ``falsified``;
+5. otherwise ``unknown`` (timeout, or complete verification disabled/unavailable).
+
+Every counterexample (from the attack, BaB or the MILP) is re-checked on the eval-mode torch model
+before it is reported: inside the box (tolerance 1e-6), inside the data range and misclassified.
+The network is always verified in eval mode, on a copy: the caller's model and its mode are untouched.
+
+Results go to a JSON-lines file, one record per point, flushed as soon as the point is decided; a
+rerun skips the points already in the file (resume) and ``shard=(i, n)`` takes the points with
+``index % n == i``; :func:`merge` combines shard files into one summary.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from certdist.attacks.pgd import pgd
+from certdist.propagation.ibp import ibp
+from certdist.specs import margin_matrix
+from certdist.threats import ThreatModel
+from certdist.verification.bab import bab_verify
+from certdist.verification.dense import DenseNet, TooLargeError, count_unstable, crown_bounds, dense_from_model
+from certdist.verification.milp import milp_verify
+
+STATUSES = ("misclassified", "falsified", "verified", "unknown")
+COMPLETE_METHODS = ("auto", "bab", "milp", "none")
+BOUND_STAGES = ("ibp", "crown", "alpha-crown")
+CEX_TOL = 1e-6
+
+try:  # CROWN / alpha-CROWN live in certdist.propagation; the pipeline still runs (IBP only) without them
+    from certdist.propagation.crown import crown as _crown
+except ImportError as _e:  # pragma: no cover - depends on the installation
+    _crown, _CROWN_ERROR = None, f"CROWN unavailable ({_e})"
+else:
+    _CROWN_ERROR = ""
+try:
+    from certdist.propagation.alpha import alpha_crown as _alpha_crown
+except ImportError as _e:  # pragma: no cover
+    _alpha_crown, _ALPHA_ERROR = None, f"alpha-CROWN unavailable ({_e})"
+else:
+    _ALPHA_ERROR = ""
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """Everything that determines a verdict (saved in every record's ``config`` hash-free form).
+
+    ``timeout``: seconds per point, all stages together. ``complete``: ``auto`` (MILP when the point
+    has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else BaB), ``bab``, ``milp`` or
+    ``none``. ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``:
+    alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta
+    optimisation steps per batch. ``max_dense_weights``: complete verification needs the network as
+    dense matrices of at most this many entries each. ``counterexample_dir``: also save each
+    counterexample as ``<index>.pt`` there."""
+
+    timeout: float = 10.0
+    complete: str = "auto"
+    attack_steps: int = 100
+    restarts: int = 5
+    attack_losses: tuple[str, ...] = ("margin", "ce")
+    alpha_iterations: int = 20
+    alpha_lr: float = 0.1
+    milp_max_unstable: int = 64
+    milp_threads: int = 1
+    bab_batch: int = 64
+    bab_alpha_steps: int = 20
+    max_dense_weights: int = 20_000_000
+    seed: int = 0
+    counterexample_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.complete not in COMPLETE_METHODS:
+            raise ValueError(f"unknown complete method {self.complete!r}; known: {', '.join(COMPLETE_METHODS)}")
+        if not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.attack_steps < 0 or self.restarts < 1:
+            raise ValueError(f"need attack_steps >= 0 and restarts >= 1, got {self.attack_steps}, {self.restarts}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counterexamples.
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy (BatchNorm with running statistics); the caller's model is untouched."""
+    twin = copy.deepcopy(model).eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+def validate_counterexample(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: int,
+                            threat: ThreatModel, tol: float = CEX_TOL) -> bool:
+    """True iff ``x_adv`` ([1, ...], like ``x``) is inside the box (tolerance ``tol``), inside the data
+    range and misclassified by ``model`` (which must be the eval-mode network)."""
+    if x_adv.shape != x.shape or not torch.isfinite(x_adv).all():
+        return False
+    if not bool(threat.contains(x_adv, x, tol).all()):
+        return False
+    if x_adv.min() < threat.data_min or x_adv.max() > threat.data_max:
+        return False
+    with torch.no_grad():
+        return int(model(x_adv).argmax(1)) != int(y)
+
+
+def _candidate_checker(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel):
+    """``check(flat float64 point) -> validated counterexample | None`` for BaB and the MILP. The point
+    is first rounded to the model's dtype and projected onto the box (solver tolerances)."""
+    def check(flat: torch.Tensor) -> torch.Tensor | None:
+        cand = threat.project(flat.to(x.dtype).view_as(x), x)
+        return cand if validate_counterexample(model, cand, x, y, threat) else None
+    return check
+
+
+# ---------------------------------------------------------------------------------------------------
+# One point.
+
+@dataclass
+class _Point:
+    index: int
+    label: int
+    start: float
+    deadline: float
+    margins: dict[str, float | None]
+    stage: str = ""
+    message: str = ""
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def _record(p: _Point, status: str, stage: str, cfg: CertifyConfig, eps: float, pred: int | None,
+            cex: torch.Tensor | None = None, model: nn.Module | None = None, **extra: Any) -> dict[str, Any]:
+    rec = {"index": p.index, "label": p.label, "status": status, "stage": stage,
+           "time_s": round(time.monotonic() - p.start, 6), "eps": eps, "pred": pred,
+           "margins": {k: _finite(v) if v is not None else None for k, v in p.margins.items()}}
+    if cex is not None:
+        with torch.no_grad():
+            rec["adv_pred"] = int(model(cex).argmax(1))
+        rec["counterexample"] = cex[0].tolist()
+        if cfg.counterexample_dir:
+            os.makedirs(cfg.counterexample_dir, exist_ok=True)
+            path = Path(cfg.counterexample_dir) / f"{p.index}.pt"
+            torch.save(cex[0].clone(), path)
+            rec["counterexample_file"] = str(path)
+    if p.message:
+        rec["message"] = p.message
+    rec.update(extra)
+    return rec
+
+
+def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int) -> torch.Tensor | None:
+    for k, loss in enumerate(cfg.attack_losses):
+        g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + k)
+        x_adv = pgd(model, x, y_t, threat, steps=cfg.attack_steps, restarts=cfg.restarts, loss=loss, generator=g)
+        if validate_counterexample(model, x_adv, x, int(y_t), threat):
+            return x_adv
+    return None
+
+
+def _bound_stages(model, x, y_t, threat, C, cfg: CertifyConfig, p: _Point) -> tuple[str | None, torch.Tensor]:
+    """IBP, CROWN, alpha-CROWN in turn; returns (proving stage or None, best lower bound per row [S])."""
+    with torch.no_grad():
+        best = ibp(model, x, threat, C=C).lower[0]
+    p.margins["ibp"] = float(best.min())
+    if best.min() > 0:
+        return "ibp", best
+    pre = None
+    for stage in ("crown", "alpha-crown"):
+        if p.left() <= 0:
+            p.message = f"timeout after {p.stage}"
+            return None, best
+        fn, err = (_crown, _CROWN_ERROR) if stage == "crown" else (_alpha_crown, _ALPHA_ERROR)
+        if fn is None or (stage == "alpha-crown" and cfg.alpha_iterations == 0):
+            p.message = (p.message + "; " if p.message else "") + (err or "alpha-CROWN disabled")
+            continue
+        p.stage = stage
+        with torch.no_grad():
+            if stage == "crown":
+                out, pre = fn(model, x, threat, C=C, intermediate="crown", bound_upper=False, return_intermediate=True)
+            else:
+                out = fn(model, x, threat, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
+                         intermediate="crown", intermediate_bounds=pre, bound_upper=False)
+        low = out.lower[0].detach()
+        p.margins[stage] = float(low.min())
+        best = torch.maximum(best, low)
+        if low.min() > 0:
+            return stage, best
+    return None, best
+
+
+def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, cfg: CertifyConfig, p: _Point):
+    """BaB or MILP on the rows not yet proved; returns (status, stage, counterexample, extra)."""
+    box = threat.box(x)
+    lo, hi = box.lower.to(torch.float64).view(1, -1), box.upper.to(torch.float64).view(1, -1)
+    lbs, ubs = crown_bounds(dense, lo, hi)
+    lbs, ubs = [l[0] for l in lbs], [u[0] for u in ubs]
+    unstable = count_unstable(lbs, ubs)
+    method = cfg.complete
+    if method == "auto":
+        method = "milp" if unstable <= cfg.milp_max_unstable else "bab"
+    check = _candidate_checker(model, x, y, threat)
+    p.stage = method
+    if method == "milp":
+        res = milp_verify(dense, lo[0], hi[0], C_rows, lbs, ubs, max(p.left(), 1e-3), check, cfg.milp_threads)
+        extra = {"unstable": unstable}
+    else:
+        res = bab_verify(dense, lo[0], hi[0], C_rows, max(p.left(), 1e-3), check, batch=cfg.bab_batch,
+                         alpha_steps=cfg.bab_alpha_steps, root_bounds=(lbs, ubs))
+        extra = {"unstable": unstable, "domains": res.domains}
+    if res.status == "verified":
+        p.margins[method] = res.lower
+    if res.message:
+        p.message = res.message
+    return res.status, method, res.counterexample, extra
+
+
+def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
+                  index: int = 0, dense: DenseNet | str | None = None) -> dict[str, Any]:
+    """Run the pipeline on one point ``x`` [1, C, H, W] (``model``: the eval-mode copy). ``dense``:
+    the network's dense form for complete verification, or a string saying why it is unavailable."""
+    start = time.monotonic()
+    p = _Point(index, int(y), start, start + cfg.timeout, {})
+    y_t = torch.tensor([int(y)], device=x.device)
+    with torch.no_grad():
+        pred = int(model(x).argmax(1))
+    if pred != int(y):
+        return _record(p, "misclassified", "clean", cfg, threat.eps, pred)
+    p.stage = "attack"
+    cex = _attack(model, x, y_t, threat, cfg, index)
+    if cex is not None:
+        return _record(p, "falsified", "attack", cfg, threat.eps, pred, cex, model)
+    p.stage = "ibp"
+    C = margin_matrix(y_t, _num_classes(model, x)).to(x.dtype)
+    proved, best = _bound_stages(model, x, y_t, threat, C, cfg, p)
+    if proved is not None:
+        return _record(p, "verified", proved, cfg, threat.eps, pred)
+    if cfg.complete == "none" or isinstance(dense, str) or dense is None:
+        why = "complete verification disabled" if cfg.complete == "none" else (dense or "no dense network")
+        p.message = (p.message + "; " if p.message else "") + why
+        return _record(p, "unknown", p.stage, cfg, threat.eps, pred)
+    if p.left() <= 0:
+        p.message = f"timeout after {p.stage}"
+        return _record(p, "unknown", p.stage, cfg, threat.eps, pred)
+    rows = C[0][best <= 0]
+    status, stage, cex, extra = _complete(model, dense, x, int(y), threat, rows, cfg, p)
+    return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **extra)
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    if hasattr(model, "num_classes"):
+        return int(model.num_classes)
+    with torch.no_grad():
+        return int(model(x).shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files: reading, resuming, merging, summaries.
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines result file (a truncated last line, from a killed run, is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    lines = path.read_text().split("\n")
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines) - 1:  # the partial last line of a killed run
+                break
+            raise ValueError(f"{path}: line {n + 1} is not valid JSON") from None
+    return out
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a trailing line without newline (a record being written when the run was killed)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per status and per (status, stage), accuracies and times over ``records``."""
+    records = list(records)
+    n = len(records)
+    counts = {s: 0 for s in STATUSES}
+    stages: dict[str, dict[str, int]] = {s: {} for s in STATUSES}
+    for r in records:
+        counts[r["status"]] += 1
+        stages[r["status"]][r["stage"]] = stages[r["status"]].get(r["stage"], 0) + 1
+    times = [r["time_s"] for r in records]
+    frac = (lambda k: k / n) if n else (lambda k: float("nan"))
+    eps = sorted({r.get("eps") for r in records}, key=str)
+    return {
+        "n": n, "eps": eps[0] if len(eps) == 1 else eps, "counts": counts, "stages": stages,
+        "clean_accuracy": frac(n - counts["misclassified"]),
+        "attack_accuracy": frac(n - counts["misclassified"] - counts["falsified"]),
+        "certified_accuracy": frac(counts["verified"]),
+        "ibp_certified_accuracy": frac(stages["verified"].get("ibp", 0)),
+        "time_median_s": statistics.median(times) if times else float("nan"),
+        "time_max_s": max(times) if times else float("nan"),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A plain-text table of a :func:`summarize` result."""
+    lines = [f"points: {summary['n']}   eps: {summary['eps']}", "", f"{'status':<14}{'stage':<13}{'count':>7}"]
+    for status in STATUSES:
+        lines.append(f"{status:<14}{'(all)':<13}{summary['counts'][status]:>7}")
+        for stage, k in sorted(summary["stages"][status].items()):
+            lines.append(f"{'':<14}{stage:<13}{k:>7}")
+    pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
+    lines += ["", f"clean accuracy            {pct(summary['clean_accuracy'])}",
+              f"attack (PGD) accuracy     {pct(summary['attack_accuracy'])}",
+              f"certified (IBP only)      {pct(summary['ibp_certified_accuracy'])}",
+              f"certified (pipeline)      {pct(summary['certified_accuracy'])}",
+              f"time per point: median {summary['time_median_s']:.3f} s, max {summary['time_max_s']:.3f} s"]
+    return "\n".join(lines)
+
+
+def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
+    """Summary of several shard files; ValueError on a point present twice or on differing eps."""
+    seen: dict[int, str] = {}
+    records = []
+    for path in paths:
+        for r in read_records(path):
+            if r["index"] in seen:
+                raise ValueError(f"point {r['index']} appears twice: in {seen[r['index']]} and in {path}")
+            seen[r["index"]] = str(path)
+            records.append(r)
+    eps = {r.get("eps") for r in records}
+    if len(eps) > 1:
+        raise ValueError(f"cannot merge results for different eps: {sorted(eps, key=str)}")
+    return summarize(sorted(records, key=lambda r: r["index"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dataset entry point.
+
+def _check_inputs(images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel) -> None:
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [{threat.data_min}, {threat.data_max}], got "
+                         f"{images.dtype} (convert uint8 images with .float() / 255)")
+    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if not torch.isfinite(images).all() or images.min() < threat.data_min or images.max() > threat.data_max:
+        raise ValueError(f"images must be finite and inside [{threat.data_min}, {threat.data_max}]")
+
+
+def _dense_or_reason(model: nn.Module, input_shape: tuple[int, ...], cfg: CertifyConfig) -> DenseNet | str:
+    if cfg.complete == "none":
+        return "complete verification disabled"
+    try:
+        return dense_from_model(model, input_shape, cfg.max_dense_weights)
+    except (TooLargeError, TypeError) as e:
+        return f"complete verification unavailable: {e}"
+
+
+def _resume(out: Path, threat: ThreatModel) -> set[int]:
+    _drop_partial_line(out)
+    done = read_records(out)
+    other = {r.get("eps") for r in done} - {threat.eps}
+    if other:
+        raise ValueError(f"{out} holds results for eps {sorted(other, key=str)}, not {threat.eps}; "
+                         "use another output file")
+    return {r["index"] for r in done}
+
+
+def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
+                    out_path: str | os.PathLike, timeout: float = 10.0, limit: int | None = None,
+                    shard: tuple[int, int] = (0, 1), complete: str = "auto", attack_steps: int = 100,
+                    restarts: int = 5, progress: bool = True, config: CertifyConfig | None = None,
+                    **options: Any) -> dict[str, Any]:
+    """Certify the first ``limit`` points (all by default) of ``images`` [N, C, H, W] (floats in the
+    threat's data range) with ``labels`` [N], appending one JSON line per point to ``out_path``.
+
+    Points already in ``out_path`` are skipped (resume). ``shard=(i, n)`` processes the indices with
+    ``index % n == i``. ``timeout``: seconds per point. ``complete``: ``auto`` | ``bab`` | ``milp`` |
+    ``none``. Other :class:`CertifyConfig` fields can be given as keyword ``options`` (or a whole
+    ``config``, which the explicit arguments then override). Returns :func:`summarize` of all the
+    records in ``out_path`` (this shard's file); print it with :func:`format_summary`."""
+    i_shard, n_shard = shard
+    if not (n_shard >= 1 and 0 <= i_shard < n_shard):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    unknown = set(options) - {f.name for f in fields(CertifyConfig)}
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}; CertifyConfig fields: "
+                        f"{', '.join(f.name for f in fields(CertifyConfig))}")
+    cfg = replace(config or CertifyConfig(), timeout=float(timeout), complete=complete,
+                  attack_steps=attack_steps, restarts=restarts, **options)
+    _check_inputs(images, labels, threat)
+    n = images.shape[0] if limit is None else min(int(limit), images.shape[0])
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _resume(out, threat)
+    todo = [i for i in range(n) if i % n_shard == i_shard and i not in done]
+    net = eval_copy(model)
+    dense = _dense_or_reason(net, tuple(images.shape[1:]), cfg) if todo else None
+    _run(net, images, labels, threat, cfg, out, todo, dense, progress)
+    return summarize(read_records(out))
+
+
+def _run(net, images, labels, threat, cfg: CertifyConfig, out: Path, todo: list[int], dense, progress: bool) -> None:
+    from tqdm.auto import tqdm
+    counts = {s: 0 for s in STATUSES}
+    with open(out, "a") as f, tqdm(todo, desc="certify", disable=not progress, unit="pt") as bar:
+        for i in bar:
+            rec = certify_point(net, images[i:i + 1], int(labels[i]), threat, cfg, i, dense)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            counts[rec["status"]] += 1
+            bar.set_postfix({k[:5]: v for k, v in counts.items()}, refresh=False)
+
+
+__all__ = ["CertifyConfig", "certify_dataset", "certify_point", "eval_copy", "format_summary", "merge",
+           "read_records", "summarize", "validate_counterexample", "STATUSES", "COMPLETE_METHODS"]
