@@ -137,6 +137,11 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _fast_layout(t: torch.Tensor) -> torch.Tensor:
+    """CPU transposed convolutions run several times faster on channels-last inputs."""
+    return t.contiguous(memory_format=torch.channels_last) if t.device.type == "cpu" else t
+
+
 @register(nn.Conv2d)
 def _conv(m: nn.Conv2d, lin: LinearBounds, ctx: LayerContext) -> LinearBounds:
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
@@ -147,8 +152,8 @@ def _conv(m: nn.Conv2d, lin: LinearBounds, ctx: LayerContext) -> LinearBounds:
         b, s = A.shape[:2]
         flat = A.reshape(b * s, *A.shape[2:])
         op = _output_padding(m, ctx.in_shape[1:], flat.shape[2:], m.kernel_size, m.stride, m.padding, m.dilation)
-        out = F.conv_transpose2d(flat, m.weight, None, m.stride, m.padding, op, m.groups, m.dilation)
-        return out.view(b, s, *ctx.in_shape)
+        out = F.conv_transpose2d(_fast_layout(flat), m.weight, None, m.stride, m.padding, op, m.groups, m.dilation)
+        return out.contiguous().view(b, s, *ctx.in_shape)
 
     bias = None if m.bias is None else (lambda A: A.sum((-1, -2)) @ m.bias)
     return _affine_rule(lin, back, bias)
@@ -166,7 +171,8 @@ def _avgpool(m: nn.AvgPool2d, lin: LinearBounds, ctx: LayerContext) -> LinearBou
         flat = A.reshape(b * s, *A.shape[2:])
         w = torch.full((channels, 1, *k), 1.0 / (k[0] * k[1]), dtype=A.dtype, device=A.device)
         op = _output_padding(m, ctx.in_shape[1:], flat.shape[2:], k, st, p, (1, 1))
-        return F.conv_transpose2d(flat, w, None, st, p, op, channels).view(b, s, *ctx.in_shape)
+        out = F.conv_transpose2d(_fast_layout(flat), w, None, st, p, op, channels)
+        return out.contiguous().view(b, s, *ctx.in_shape)
 
     return _affine_rule(lin, back, None)
 

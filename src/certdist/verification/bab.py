@@ -4,8 +4,9 @@ Works on the dense chain of :mod:`certdist.verification.dense` in float64. A *do
 box together with pre-activation bounds in which some unstable ReLUs are fixed (``l = 0``: active,
 ``u = 0``: inactive). Each step pops the ``batch`` domains with the lowest bounds, splits each on the
 neuron with the largest score, re-bounds all children at once (CROWN for the later layers'
-pre-activations given the splits, then CROWN, optionally with optimised lower slopes (alpha-CROWN),
-for the margin) and
+pre-activations given the splits, when the backward matrices fit in ``MAX_REFINE_BYTES``; then, for
+the margin, CROWN and ``alpha_steps`` of projected Adam on the lower slopes and on Lagrange multipliers
+of the split constraints: alpha-beta-CROWN, Wang et al. 2021) and
 
 - drops a child whose bound is > 0 or whose bounds are contradictory (``l > u``: empty domain);
 - evaluates the network at the minimiser of the child's linear bound; a misclassified point that the
@@ -29,6 +30,9 @@ import torch
 
 from certdist.verification import milp
 from certdist.verification.dense import DenseNet, backward_lower, crown_bounds
+
+
+MAX_REFINE_BYTES = 256 * 1024 ** 2
 
 
 @dataclass
@@ -125,6 +129,12 @@ class _RowSearch:
         self.counterexample: torch.Tensor | None = None
         self.proved = float("inf")  # smallest bound of a domain proved safe
 
+    def _refine_bytes(self, D: int, start: int) -> int:
+        """Memory of the largest backward matrix when re-bounding the layers from ``start`` on."""
+        w = self.net.weights
+        return max((D * 2 * w[k].shape[0] * max(v.shape[1] for v in w[:k + 1]) * 8
+                    for k in range(start, self.net.num_relu_layers)), default=0)
+
     def bound(self, lbs, ubs, splits) -> tuple[torch.Tensor, torch.Tensor, list]:
         D = lbs[0].shape[0] if lbs else 1
         A = self.c.view(1, 1, -1).expand(D, 1, -1)
@@ -193,8 +203,9 @@ class _RowSearch:
             popped = [heapq.heappop(self.heap)[2] for _ in range(min(self.batch, len(self.heap)))]
             c_l, c_u, c_s, first = _children(popped)
             D2 = c_l[0].shape[0]
-            c_l, c_u = crown_bounds(self.net, self.x_lo.expand(D2, -1), self.x_hi.expand(D2, -1), c_l, c_u,
-                                    splits=c_s, start=first + 1)
+            if self._refine_bytes(D2, first + 1) <= MAX_REFINE_BYTES:  # else keep the parents' bounds
+                c_l, c_u = crown_bounds(self.net, self.x_lo.expand(D2, -1), self.x_hi.expand(D2, -1), c_l, c_u,
+                                        splits=c_s, start=first + 1)
             lower, mins, scores = self.bound(c_l, c_u, c_s)
             if self.process(c_l, c_u, c_s, lower, mins, scores):
                 return BabResult("falsified", -float("inf"), self.counterexample, self.domains)

@@ -430,6 +430,8 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def _run(net, images, labels, threat, cfg: CertifyConfig, out: Path, todo: list[int], dense, progress: bool) -> None:
     from tqdm.auto import tqdm
+    # the first torch.optim optimiser imports torch._dynamo (seconds): not to be charged to point 0
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     counts = {s: 0 for s in STATUSES}
     with open(out, "a") as f, tqdm(todo, desc="certify", disable=not progress, unit="pt") as bar:
         for i in bar:

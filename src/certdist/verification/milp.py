@@ -12,6 +12,8 @@ model) decides. A leaf of branch and bound (all ReLUs fixed) is the same program
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,9 +51,33 @@ class MilpResult:
     message: str = ""
 
 
-def _new_highs(threads: int):
+_BANNER_SHOWN = False
+
+
+def _quiet_highs():
+    """A ``Highs`` instance; the banner HiGHS prints to stdout on its first construction is swallowed
+    (it would break progress bars and piped output)."""
+    global _BANNER_SHOWN
     import highspy
-    h = highspy.Highs()
+    if _BANNER_SHOWN:
+        return highspy.Highs()
+    _BANNER_SHOWN = True
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (some notebooks): nothing to protect
+        return highspy.Highs()
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            return highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _new_highs(threads: int):
+    h = _quiet_highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", int(threads))
     h.setOptionValue("mip_abs_gap", 1e-9)

@@ -1,0 +1,172 @@
+"""The certification pipeline end to end on tiny networks: stages, counterexamples, eval mode,
+resume, shards and merge."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from certdist.attacks.pgd import pgd
+from certdist.models import CertifiableNet, InputSpec, Normalize
+from certdist.threats import ThreatModel
+from certdist.verification import (certify_dataset, format_summary, merge, read_records, summarize,
+                                   validate_counterexample)
+from conftest import random_net
+
+FAST = dict(timeout=10.0, attack_steps=10, restarts=2, progress=False, alpha_iterations=5, bab_alpha_steps=5)
+
+
+def trained_net(seed: int = 0, bn: bool = False) -> tuple[CertifiableNet, torch.Tensor, torch.Tensor]:
+    """A 2-D-input MLP (16, 12 ReLUs; optional BatchNorm) trained briefly on 3 synthetic regions;
+    returns the net (eval mode) and 24 test points with their labels."""
+    torch.manual_seed(seed)
+    spec = InputSpec(2, 1, 3, (0.5, 0.5), (0.3, 0.3))
+    feats: list[nn.Module] = [Normalize(spec.mean, spec.std), nn.Flatten(), nn.Linear(2, 16)]
+    feats += [nn.BatchNorm1d(16)] if bn else []
+    feats += [nn.ReLU(), nn.Linear(16, 12), nn.ReLU()]
+    net = CertifiableNet(nn.Sequential(*feats), nn.Linear(12, 3), "tiny", spec)
+    label = lambda X: ((X[:, 0, 0, 0] > 0.5).long() + (X[:, 1, 0, 0] > X[:, 0, 0, 0]).long())  # noqa: E731
+    X = torch.rand(512, 2, 1, 1)
+    opt = torch.optim.Adam(net.parameters(), 0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), label(X)).backward()
+        opt.step()
+    Xt = torch.rand(24, 2, 1, 1, generator=torch.Generator().manual_seed(100 + seed))
+    return net.eval(), Xt, label(Xt)
+
+
+def _grid_counterexample(net, x, y, eps, n=61) -> bool:
+    box = ThreatModel(eps).box(x)
+    t = torch.linspace(0, 1, n)
+    a, b = torch.meshgrid(t, t, indexing="ij")
+    pts = box.lower.flatten() + torch.stack([a.flatten(), b.flatten()], 1) * (box.upper - box.lower).flatten()
+    with torch.no_grad():
+        return bool((net(pts.view(-1, 2, 1, 1)).argmax(1) != y).any())
+
+
+@pytest.fixture(scope="module")
+def net_data():
+    return trained_net(0)
+
+
+@pytest.mark.parametrize("eps", [0.03, 0.1])
+def test_pipeline_verdicts_are_sound(net_data, tmp_path, eps):
+    net, X, Y = net_data
+    threat = ThreatModel(eps)
+    summary = certify_dataset(net, X, Y, threat, tmp_path / "r.jsonl", **FAST)
+    recs = read_records(tmp_path / "r.jsonl")
+    assert len(recs) == len(X) == summary["n"]
+    for r in recs:
+        i = r["index"]
+        x, y = X[i:i + 1], int(Y[i])
+        assert r["status"] in ("misclassified", "falsified", "verified")  # tiny nets: always decided
+        if r["status"] == "falsified":
+            cex = torch.tensor(r["counterexample"]).view_as(x)
+            assert validate_counterexample(net, cex, x, y, threat)
+            assert r["stage"] in ("attack", "bab", "milp")
+        if r["status"] == "verified":
+            assert r["stage"] in ("ibp", "crown", "alpha-crown", "bab", "milp")
+            assert not _grid_counterexample(net, x, y, eps)
+            adv = pgd(net, x, torch.tensor([y]), threat, steps=20, restarts=10)
+            assert not validate_counterexample(net, adv, x, y, threat)
+            assert r["margins"][r["stage"]] > 0
+    assert summary["counts"]["verified"] > 0 and summary["counts"]["falsified"] > 0
+    assert summary["ibp_certified_accuracy"] <= summary["certified_accuracy"] <= summary["attack_accuracy"]
+    assert "certified (pipeline)" in format_summary(summary)
+
+
+def test_bab_and_milp_pipelines_agree(net_data, tmp_path):
+    """With a weak attack the complete verifiers decide the hard points; both give the same verdicts."""
+    net, X, Y = net_data
+    threat = ThreatModel(0.08)
+    opts = dict(FAST, attack_steps=0, restarts=1, alpha_iterations=0)
+    certify_dataset(net, X, Y, threat, tmp_path / "bab.jsonl", complete="bab", **opts)
+    certify_dataset(net, X, Y, threat, tmp_path / "milp.jsonl", complete="milp", **opts)
+    bab = {r["index"]: r for r in read_records(tmp_path / "bab.jsonl")}
+    milp = {r["index"]: r for r in read_records(tmp_path / "milp.jsonl")}
+    assert {i: r["status"] for i, r in bab.items()} == {i: r["status"] for i, r in milp.items()}
+    assert any(r["stage"] == "bab" for r in bab.values())
+    assert any(r["stage"] == "milp" for r in milp.values())
+
+
+def test_train_mode_model_is_verified_in_eval_mode(tmp_path):
+    net, X, Y = trained_net(1, bn=True)
+    net.train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    threat = ThreatModel(0.05)
+    certify_dataset(net, X[:8], Y[:8], threat, tmp_path / "train.jsonl", **FAST)
+    assert net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())  # BN stats untouched
+    certify_dataset(net.eval(), X[:8], Y[:8], threat, tmp_path / "eval.jsonl", **FAST)
+    strip = lambda rs: [(r["status"], r["stage"], r["margins"].get("ibp")) for r in rs]  # noqa: E731
+    assert strip(read_records(tmp_path / "train.jsonl")) == strip(read_records(tmp_path / "eval.jsonl"))
+
+
+def test_resume_skips_decided_points(net_data, tmp_path, monkeypatch):
+    net, X, Y = net_data
+    out = tmp_path / "r.jsonl"
+    threat = ThreatModel(0.05)
+    certify_dataset(net, X, Y, threat, out, limit=6, **FAST)
+    first = out.read_text()
+    with open(out, "a") as f:
+        f.write('{"index": 6, "label": 0, "sta')  # a record cut by a killed run
+    import certdist.verification.certify as cert
+    calls = []
+    orig = cert.certify_point
+    monkeypatch.setattr(cert, "certify_point", lambda *a, **k: calls.append(a[5]) or orig(*a, **k))
+    summary = certify_dataset(net, X, Y, threat, out, limit=10, **FAST)
+    assert calls == [6, 7, 8, 9]
+    assert out.read_text().startswith(first)
+    assert [r["index"] for r in read_records(out)] == list(range(10)) and summary["n"] == 10
+    with pytest.raises(ValueError, match="eps"):
+        certify_dataset(net, X, Y, ThreatModel(0.1), out, limit=10, **FAST)
+
+
+def test_shards_merge_into_the_unsharded_summary(net_data, tmp_path):
+    net, X, Y = net_data
+    threat = ThreatModel(0.06)
+    full = certify_dataset(net, X, Y, threat, tmp_path / "all.jsonl", limit=12, **FAST)
+    paths = [tmp_path / f"s{i}.jsonl" for i in range(3)]
+    for i, p in enumerate(paths):
+        part = certify_dataset(net, X, Y, threat, p, limit=12, shard=(i, 3), **FAST)
+        assert all(r["index"] % 3 == i for r in read_records(p)) and part["n"] == 4
+    merged = merge(paths)
+    drop = lambda s: {k: v for k, v in s.items() if not k.startswith("time")}  # noqa: E731
+    assert drop(merged) == drop(full)
+    with pytest.raises(ValueError, match="twice"):
+        merge([paths[0], paths[0]])
+    recs = read_records(paths[1])
+    recs[0]["eps"] = 0.5
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ValueError, match="eps"):
+        merge([paths[0], other])
+
+
+def test_timeout_and_disabled_complete_give_unknown(tmp_path):
+    net = random_net("conv", 0).eval()
+    spec = net.input_spec
+    X = torch.rand(4, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        Y = net(X).argmax(1)
+    s = certify_dataset(net, X, Y, ThreatModel(0.02), tmp_path / "r.jsonl", complete="none",
+                        **dict(FAST, attack_steps=2, restarts=1))
+    assert s["counts"]["misclassified"] == 0
+    for r in read_records(tmp_path / "r.jsonl"):
+        assert r["status"] in ("verified", "falsified", "unknown")
+        if r["status"] == "unknown":
+            assert "disabled" in r["message"] and "alpha-crown" in r["margins"]
+
+
+def test_bad_inputs_fail_loudly(net_data, tmp_path):
+    net, X, Y = net_data
+    with pytest.raises(ValueError, match="255"):
+        certify_dataset(net, (X * 255).to(torch.uint8), Y, ThreatModel(0.1), tmp_path / "r.jsonl", progress=False)
+    with pytest.raises(ValueError, match="complete"):
+        certify_dataset(net, X, Y, ThreatModel(0.1), tmp_path / "r.jsonl", complete="exact", progress=False)
+    with pytest.raises(ValueError, match="shard"):
+        certify_dataset(net, X, Y, ThreatModel(0.1), tmp_path / "r.jsonl", shard=(2, 2), progress=False)
+    assert summarize([])["n"] == 0
