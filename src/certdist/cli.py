@@ -93,6 +93,16 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from certdist.reporting import collect, format_table
+    from certdist.sweep import sweep
+    configs = [c for c in args.items if "=" not in c]
+    overrides = [c for c in args.items if "=" in c]
+    dirs = sweep(configs, args.seeds, overrides, jobs=args.jobs)
+    print(format_table(collect(dirs)))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from certdist.demo import run_demo
     return run_demo(out_dir=args.out_dir, quick=args.quick)
@@ -159,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run folders or parent folders")
     r.add_argument("--no-group", action="store_true", help="one row per run")
     r.set_defaults(fn=_cmd_table)
+
+    w = sub.add_parser("sweep", help="run configs over seeds (in order; finished runs skipped), then the table")
+    w.add_argument("items", nargs="+", help="config files, then key=value overrides applied to all")
+    w.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    w.add_argument("--jobs", type=int, default=1, help="seeds of one config run in parallel")
+    w.set_defaults(fn=_cmd_sweep)
 
     m = sub.add_parser("demo", help="fetch MNIST, train a standard and an IBP DM-small briefly, print the table")
     m.add_argument("--out-dir", default="runs/demo")

@@ -167,5 +167,5 @@ def test_candidates_failing_the_recheck_are_never_reported():
     reject = lambda p: rejected.append(p) and None  # noqa: E731
     res = milp_verify(dense, lo, hi, C, [l[0] for l in lbs], [u[0] for u in ubs], 10.0, reject)
     assert res.status == "unknown" and res.counterexample is None and rejected
-    res = bab_verify(dense, lo, hi, C, 3.0, reject, batch=16, alpha_steps=2)
+    res = bab_verify(dense, lo, hi, C, 1.0, reject, batch=16, alpha_steps=2)
     assert res.status == "unknown" and res.counterexample is None

@@ -21,4 +21,4 @@ def test_config_parses(path):
     assert c.data.dataset in DATASETS and c.model.arch in MODELS
     assert c.name == path.stem
     if "cc-dist" in path.stem:
-        assert c.distill.teacher and c.distill.teacher.endswith("pgd-at-teacher/last.pt")
+        assert c.distill.teacher and c.distill.teacher.endswith("pgd-at-teacher/seed0/last.pt")

@@ -1,0 +1,54 @@
+"""Run configs over several seeds (``certdist sweep``), in order, optionally in parallel.
+
+Run ``k`` of config ``C`` lives in ``<out_dir>/<C.name>/seed<k>``. Configs run in the order given
+(so a teacher listed first is finished before its students start); the seeds of one config run
+``jobs`` at a time as separate processes. Finished runs are skipped and interrupted ones resumed,
+so a sweep can be re-launched after a crash.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from certdist.config import load_config
+
+
+def run_dir(config: str, seed: int, overrides: list[str]) -> Path:
+    c = load_config(config, overrides)
+    return Path(c.out_dir) / c.name / f"seed{seed}"
+
+
+def _command(config: str, seed: int, overrides: list[str]) -> list[str]:
+    c = load_config(config, overrides)
+    d = run_dir(config, seed, overrides)
+    cmd = [sys.executable, "-m", "certdist", "train", "--config", config, *overrides, f"seed={seed}",
+           f"name=seed{seed}", f"out_dir={Path(c.out_dir) / c.name}"]
+    if (d / "last.pt").exists():
+        cmd.append("--resume")
+    return cmd
+
+
+def sweep(configs: list[str], seeds: list[int], overrides: list[str], jobs: int = 1) -> list[Path]:
+    done: list[Path] = []
+    for config in configs:
+        todo = []
+        for s in seeds:
+            d = run_dir(config, s, overrides)
+            if (d / "results.json").exists():
+                print(f"[sweep] {d}: finished, skipped")
+            else:
+                todo.append(s)
+            done.append(d)
+
+        def one(seed: int) -> int:
+            cmd = _command(config, seed, overrides + (["progress=false"] if jobs > 1 else []))
+            print("[sweep] " + " ".join(cmd[2:]), flush=True)
+            return subprocess.run(cmd).returncode
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            codes = list(pool.map(one, todo))
+        failed = [s for s, c in zip(todo, codes) if c != 0]
+        if failed:
+            raise RuntimeError(f"{config}: seeds {failed} failed; see their output above")
+    return done
