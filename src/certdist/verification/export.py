@@ -410,6 +410,9 @@ def export_benchmark(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """Write ``onnx/<name>.onnx``, ``vnnlib/prop_<index>_eps_<eps>.vnnlib`` for the first ``limit``
     points (misclassified ones skipped by default) and ``instances.csv`` (``onnx,vnnlib,timeout``
     per line, paths relative to ``out_dir``). Returns the path of ``instances.csv``."""
+    if not images.is_floating_point() or images.dim() != 4:
+        raise ValueError(f"images must be floats in [0, 1] shaped [N, C, H, W], got {images.dtype} "
+                         f"{tuple(images.shape)} (convert uint8 images with .float() / 255)")
     out = Path(out_dir)
     net = copy.deepcopy(model).eval()
     onnx_rel = f"onnx/{name}.onnx"
