@@ -40,14 +40,16 @@ class _eval_mode:
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int = 40,
         restarts: int = 1, step_size: float | None = None, loss: str = "ce", random_start: bool = True,
         eps: float | None = None, relative_step: bool = False, train_mode: bool = False,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, include_clean: bool = True) -> torch.Tensor:
     """The worst point found (highest margin loss over all steps and restarts) for each sample.
 
     ``step_size`` is absolute (pixel units) unless ``relative_step``, then it multiplies eps
     (the expressive-losses convention ``step = step_size * eps``). Default ``2.5 * eps / steps``.
     The model runs in eval mode unless ``train_mode`` (certified training attacks the train-mode
     net); its own modes are restored afterwards. The result always lies in the box and in
-    the data range; gradients with respect to the parameters are not accumulated.
+    the data range; gradients with respect to the parameters are not accumulated. With
+    ``include_clean`` the clean input is a candidate too (evaluation); training attacks skip it
+    to save a forward pass.
     """
     e = threat.eps if eps is None else eps
     if steps < 0 or restarts < 1:
@@ -68,8 +70,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
         for p in params:
             p.requires_grad_(False)
         try:
-            with torch.no_grad():
-                best_score = margin_loss(model(x), y)
+            if include_clean:
+                with torch.no_grad():
+                    best_score = margin_loss(model(x), y)
+            else:
+                best_score = torch.full(y.shape, -float("inf"), device=x.device)
             for _ in range(restarts):
                 if random_start and e > 0:
                     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \

@@ -59,7 +59,8 @@ def attack_point(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
     a = cfg.attack
     threat = ThreatModel(eps)
     return pgd(model, x, y, threat, steps=a.steps, restarts=a.restarts, step_size=a.step_size, relative_step=True,
-               random_start=a.random_start, eps=eps * a.eps_factor, train_mode=a.train_mode)
+               random_start=a.random_start, eps=eps * a.eps_factor, train_mode=a.train_mode,
+               include_clean=False)
 
 
 def sabr_box(x: torch.Tensor, x_adv: torch.Tensor, eps: float, lam: float) -> Interval:
