@@ -25,10 +25,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from certdist.training.checkpoint import model_from_checkpoint
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
-    dataset = args.dataset or cfg.get("data", {}).get("dataset")
-    eps = args.eps if args.eps is not None else cfg.get("eps")
-    if dataset is None or eps is None:
-        raise SystemExit("error: the checkpoint has no config; pass --dataset and --eps")
+    dataset, eps = _dataset_and_eps(args, cfg)
     test = D.load(dataset, "test", data_dir=args.data_dir, limit=args.limit)
     ev = cfg.get("eval", {})
     res = evaluate(model, test.images, test.labels, ThreatModel(eps), pgd_steps=args.pgd_steps or ev.get("pgd_steps", 40),
@@ -41,6 +38,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _print_results([res])
     print(f"written: {out}")
     return 0
+
+
+def _dataset_and_eps(args: argparse.Namespace, cfg: dict) -> tuple[str, float]:
+    dataset = args.dataset or cfg.get("data", {}).get("dataset")
+    eps = args.eps if args.eps is not None else cfg.get("eps")
+    if dataset is None or eps is None:
+        raise SystemExit("error: the checkpoint names no dataset or eps; pass --dataset and --eps")
+    if eps < 0:
+        raise SystemExit(f"error: --eps must be >= 0, got {eps}")
+    return dataset, float(eps)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 1)
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"error: --shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -60,16 +79,22 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     from certdist.verification.certify import certify_dataset, format_summary
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
-    dataset = args.dataset or cfg.get("data", {}).get("dataset")
-    eps = args.eps if args.eps is not None else cfg.get("eps")
+    dataset, eps = _dataset_and_eps(args, cfg)
     test = D.load(dataset, "test", data_dir=args.data_dir)
-    shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else (0, 1)
+    shard = _parse_shard(args.shard)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
         f"certify_eps{eps:g}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "") + ".jsonl")
-    summary = certify_dataset(model, test.images, test.labels, ThreatModel(eps), out, timeout=args.timeout,
-                              limit=args.limit, shard=shard, complete=args.complete)
+    summary = certify_dataset(model, test.images.float() / 255, test.labels, ThreatModel(eps), out,
+                              timeout=args.timeout, limit=args.limit, shard=shard, complete=args.complete,
+                              attack_steps=args.attack_steps, restarts=args.restarts)
     print(format_summary(summary))
     print(f"per-point results: {out}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from certdist.verification.certify import format_summary, merge
+    print(format_summary(merge(args.files)))
     return 0
 
 
@@ -80,8 +105,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
     dataset = args.dataset or cfg.get("data", {}).get("dataset")
+    if dataset is None:
+        raise SystemExit("error: the checkpoint names no dataset; pass --dataset")
     test = D.load(dataset, "test", data_dir=args.data_dir)
-    path = export_benchmark(model, test.images, test.labels, args.eps, args.out, limit=args.limit)
+    path = export_benchmark(model, test.images.float() / 255, test.labels, args.eps, args.out, limit=args.limit)
     print(f"exported to {path}")
     return 0
 
@@ -153,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int)
     c.add_argument("--shard", help="i/n: this worker's share of the points")
     c.add_argument("--complete", default="auto", choices=["auto", "bab", "milp", "none"])
+    c.add_argument("--attack-steps", type=int, default=100, help="PGD steps of the attack stage")
+    c.add_argument("--restarts", type=int, default=5, help="PGD restarts of the attack stage")
     c.add_argument("--out", help="JSON-lines output (resumed if it exists)")
     c.set_defaults(fn=_cmd_certify)
 
@@ -175,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     w.add_argument("--jobs", type=int, default=1, help="seeds of one config run in parallel")
     w.set_defaults(fn=_cmd_sweep)
+
+    g = sub.add_parser("merge", help="merge the JSON-lines files of certify shards into one summary")
+    g.add_argument("files", nargs="+")
+    g.set_defaults(fn=_cmd_merge)
 
     m = sub.add_parser("demo", help="fetch MNIST, train a standard and an IBP DM-small briefly, print the table")
     m.add_argument("--out-dir", default="runs/demo")

@@ -272,3 +272,22 @@ def test_alpha_crown_works_in_inference_mode_and_leaves_no_gradients():
     torch.testing.assert_close(got.lower, expected.lower)
     assert all(p.grad is None for p in net.parameters())
     assert not got.lower.requires_grad
+
+
+def test_crown_intermediate_bounds_exact_before_the_first_relu():
+    """Two mixing layers before the first ReLU: IBP is loose there, CROWN is the exact range."""
+    torch.manual_seed(3)
+    spec = InputSpec(1, 6, 3, (0.5,), (0.5,))
+    feats = nn.Sequential(Normalize(spec.mean, spec.std), nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.ReLU(), nn.Linear(18, 5), nn.ReLU())
+    net = CertifiableNet(feats, nn.Linear(5, 3), "two_mixing", spec).eval()
+    x = torch.rand(2, 1, 6, 6)
+    threat = ThreatModel(0.2)
+    with torch.no_grad():
+        _, pre = crown(net, x, threat, intermediate="crown", return_intermediate=True)
+        _, pre_ibp = crown(net, x, threat, intermediate="ibp", return_intermediate=True)
+    first = nn.Sequential(*list(feats)[:4])
+    exact = _exact_range(first, x, threat.box(x), torch.eye(18).expand(2, -1, -1))
+    torch.testing.assert_close(pre[0].lower, exact.lower, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(pre[0].upper, exact.upper, atol=ATOL, rtol=1e-5)
+    assert (pre_ibp[0].upper > exact.upper + 1e-4).any()

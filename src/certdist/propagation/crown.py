@@ -297,9 +297,10 @@ def backward(chain: Chain, end: int, C: torch.Tensor, pre: dict[int, Interval], 
              ) -> LinearBounds:
     """Linear bounds of ``C . (output of layers[:end])`` in terms of the network input.
 
-    ``C``: [b, s, *shapes[end]] (or [1, s, ...]: the same rows for every sample, broadcast at the first
-    ReLU, which saves the affine layers above it that work for every sample); ``pre``: ReLU pre-activation bounds by layer index (already sliced to
-    the same ``b`` samples); ``alphas``: optional lower slopes by ReLU layer index."""
+    ``C``: [b, s, *shapes[end]], or [1, s, ...] for the same rows for every sample (broadcast at the
+    first ReLU: the affine layers above it then run once for all samples). ``pre``: ReLU pre-activation
+    bounds by layer index, sliced to the same ``b`` samples. ``alphas``: optional ``(alpha_l, alpha_u)``
+    lower slopes by ReLU layer index."""
     zero = C.new_zeros(C.shape[:2])
     lin = LinearBounds(C if lower else None, zero if lower else None, C if upper else None, zero if upper else None)
     alphas = alphas or {}
