@@ -21,7 +21,7 @@ def cfg(tmp_path, *extra):
     return load_config(None, BASE + [f"out_dir={tmp_path}"] + list(extra))
 
 
-@pytest.mark.parametrize("method", ["standard", "pgd-at", "ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp"])
+@pytest.mark.parametrize("method", ["standard", "pgd-at", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp"])
 def test_every_method_trains(tmp_path, method):
     run = train(cfg(tmp_path, f"method={method}", f"name={method}", "attack.steps=2"))
     res = json.loads((run / "results.json").read_text())
