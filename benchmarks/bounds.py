@@ -44,8 +44,9 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def run_cell(model_name: str, method: str, batch: int, alpha_iters: int, device: str, repeats: int) -> dict:
-    """One (model, method) measurement in this process."""
+def run_cell(model_name: str, method: str, batch: int, alpha_iters: int, device: str, repeats: int,
+             max_memory: int) -> dict:
+    """One (model, method) measurement in this process (after an untimed warm-up on 2 samples)."""
     from certdist.models import InputSpec, build_model
     from certdist.propagation import alpha_crown, crown, ibp
     from certdist.specs import margin_matrix
@@ -66,10 +67,10 @@ def run_cell(model_name: str, method: str, batch: int, alpha_iters: int, device:
     threat = ThreatModel(eps)
     C = margin_matrix(y, spec.num_classes)
 
-    def call():
+    def call(x, C):
         if method == "crown_ibp_train":
             model.train()
-            out = crown(model, x, threat, C=C, intermediate="ibp", bound_upper=False)
+            out = crown(model, x, threat, C=C, intermediate="ibp", bound_upper=False, max_memory=max_memory)
             loss = torch.nn.functional.softplus(-out.lower).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
@@ -79,15 +80,18 @@ def run_cell(model_name: str, method: str, batch: int, alpha_iters: int, device:
             if method == "ibp":
                 return ibp(model, x, threat, C=C).lower
             if method == "crown_ibp":
-                return crown(model, x, threat, C=C, intermediate="ibp", bound_upper=False).lower
+                return crown(model, x, threat, C=C, intermediate="ibp", bound_upper=False,
+                             max_memory=max_memory).lower
             if method == "crown":
-                return crown(model, x, threat, C=C, intermediate="crown", bound_upper=False).lower
+                return crown(model, x, threat, C=C, intermediate="crown", bound_upper=False,
+                             max_memory=max_memory).lower
             if method == "alpha_crown":
                 return alpha_crown(model, x, threat, C=C, iterations=alpha_iters, intermediate="crown",
-                                   bound_upper=False).lower
+                                   bound_upper=False, max_memory=max_memory).lower
         raise ValueError(method)
 
     if device == "cuda":
+        call(x[:2], C[:2])
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -96,7 +100,7 @@ def run_cell(model_name: str, method: str, batch: int, alpha_iters: int, device:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        lower = call()
+        lower = call(x, C)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -147,18 +151,23 @@ def main() -> None:
     ap.add_argument("--alpha-iters", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-memory-gb", type=float, default=2.0, help="chunking budget of the CROWN engine")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 convolutions on CUDA (default: off, exact fp32)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per cell")
     ap.add_argument("--suite", type=int, default=12, help="random nets per setting in the CROWN-vs-IBP suite")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        print(json.dumps(run_cell(*args.worker, args.batch, args.alpha_iters, args.device, args.repeats)))
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        print(json.dumps(run_cell(*args.worker, args.batch, args.alpha_iters, args.device, args.repeats,
+                                  int(args.max_memory_gb * 2 ** 30))))
         return
 
     mem = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS growth (getrusage)"
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
-          f"alpha_iters={args.alpha_iters} memory={mem}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
+          f"alpha_iters={args.alpha_iters} max_memory={args.max_memory_gb} GiB tf32={args.tf32} memory={mem}")
     print(f"{'model':<9} {'eps':>7} {'method':<16} {'time [s]':>9} {'peak [MiB]':>11} {'mean margin lb':>15} {'verified':>9}")
     for model in args.models:
         for method in args.methods:
@@ -167,7 +176,8 @@ def main() -> None:
                 print(f"{model:<9} {eps:7.4f} {method:<16} {'skipped':>9}")
                 continue
             cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch),
-                   "--alpha-iters", str(args.alpha_iters), "--device", args.device, "--repeats", str(args.repeats)]
+                   "--alpha-iters", str(args.alpha_iters), "--device", args.device, "--repeats", str(args.repeats),
+                   "--max-memory-gb", str(args.max_memory_gb)] + (["--tf32"] if args.tf32 else [])
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:

@@ -174,6 +174,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             group["lr"] = lr
         model.train()
         sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         count = 0
         t0 = time.time()
         bar = tqdm(_batch_iter(train_data, cfg, epoch, augment, device), total=steps_per_epoch,
@@ -192,11 +193,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             count += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix({k: f"{v / count:.3f}" for k, v in sums.items()} | {"eps": f"{ctx.eps:.3f}"})
+            for k, v in stats.items():  # a stat is averaged over the steps that report it
+                if math.isfinite(v):
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+            bar.set_postfix({k: f"{v / counts[k]:.3f}" for k, v in sums.items()} | {"eps": f"{ctx.eps:.3f}"})
         row = {"epoch": epoch + 1, "lr": lr, "eps": ctx.eps, "time_s": round(time.time() - t0, 2)}
-        row |= {f"train_{k}": round(v / max(count, 1), 5) for k, v in sums.items()}
+        row |= {f"train_{k}": round(v / counts[k], 5) for k, v in sums.items()}
         row |= _quick_eval(model, test_data, test_threat, device)
         logger.log(row)
         tqdm.write(f"[{cfg.name}] " + " ".join(f"{k}={v}" for k, v in row.items()))
