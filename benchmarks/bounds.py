@@ -131,15 +131,31 @@ def crown_vs_ibp_suite(n_nets: int) -> list[dict]:
                     C = margin_matrix(model(x).argmax(1), 10)
                     base = ibp(model, x, ThreatModel(eps), C=C).lower
                     for mode in stats:
-                        out = crown(model, x, ThreatModel(eps), C=C, intermediate=mode.replace("crown_", "") if
-                                    mode == "crown_ibp" else "crown", bound_upper=False).lower
+                        inter = "ibp" if mode == "crown_ibp" else "crown"
+                        out = crown(model, x, ThreatModel(eps), C=C, intermediate=inter, bound_upper=False).lower
                         stats[mode].append(out - base)
             for mode, diffs in stats.items():
                 d = torch.cat([t.flatten() for t in diffs])
                 rows.append({"arch": arch, "eps": eps, "method": mode, "n": d.numel(),
-                             "tighter": (d > 1e-6).float().mean().item(), "looser": (d < -1e-6).float().mean().item(),
+                             "tighter": (d > 1e-6).float().mean().item(),
+                             "looser": (d < -1e-6).float().mean().item(),
                              "mean_gain": d.mean().item(), "median_gain": d.median().item()})
     return rows
+
+
+def _measure(args: argparse.Namespace, model: str, method: str) -> str:
+    """Run one cell in a fresh subprocess; its table columns (or why there are none)."""
+    cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch),
+           "--alpha-iters", str(args.alpha_iters), "--device", args.device, "--repeats", str(args.repeats),
+           "--max-memory-gb", str(args.max_memory_gb)] + (["--tf32"] if args.tf32 else [])
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"{'> ' + str(int(args.timeout)):>9}  (timed out)"
+    if done.returncode != 0:
+        return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    return f"{r['time_s']:9.3f} {r['peak_mb']:11.1f} {r['margin_lb']:15.4f} {r['verified']:9.2f}"
 
 
 def main() -> None:
@@ -168,32 +184,21 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} batch={args.batch} "
           f"alpha_iters={args.alpha_iters} max_memory={args.max_memory_gb} GiB tf32={args.tf32} memory={mem}")
-    print(f"{'model':<9} {'eps':>7} {'method':<16} {'time [s]':>9} {'peak [MiB]':>11} {'mean margin lb':>15} {'verified':>9}")
+    print(f"{'model':<9} {'eps':>7} {'method':<16} {'time [s]':>9} {'peak [MiB]':>11} "
+          f"{'mean margin lb':>15} {'verified':>9}")
     for model in args.models:
         for method in args.methods:
-            eps = DATASETS[model][1]
+            head = f"{model:<9} {DATASETS[model][1]:7.4f} {method:<16}"
             if method in args.skip or f"{model}:{method}" in args.skip:
-                print(f"{model:<9} {eps:7.4f} {method:<16} {'skipped':>9}")
+                print(f"{head} {'skipped':>9}")
                 continue
-            cmd = [sys.executable, __file__, "--worker", model, method, "--batch", str(args.batch),
-                   "--alpha-iters", str(args.alpha_iters), "--device", args.device, "--repeats", str(args.repeats),
-                   "--max-memory-gb", str(args.max_memory_gb)] + (["--tf32"] if args.tf32 else [])
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{model:<9} {eps:7.4f} {method:<16} {'> ' + str(int(args.timeout)):>9}  (timed out)")
-                continue
-            if done.returncode != 0:
-                print(f"{model:<9} {eps:7.4f} {method:<16} failed: {done.stderr.strip().splitlines()[-1:]}")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{model:<9} {eps:7.4f} {method:<16} {r['time_s']:9.3f} {r['peak_mb']:11.1f} "
-                  f"{r['margin_lb']:15.4f} {r['verified']:9.2f}", flush=True)
+            print(f"{head} {_measure(args, model, method)}", flush=True)
 
     if args.suite > 0:
         print(f"\nCROWN vs IBP margin lower bounds on random nets ({args.suite} nets x 16 inputs x 9 margins "
               "per row; half default init, half IBP init; gain = bound - IBP bound)")
-        print(f"{'arch':<9} {'eps':>6} {'method':<10} {'tighter':>8} {'looser':>8} {'mean gain':>10} {'median gain':>12}")
+        print(f"{'arch':<9} {'eps':>6} {'method':<10} {'tighter':>8} {'looser':>8} {'mean gain':>10} "
+              f"{'median gain':>12}")
         for r in crown_vs_ibp_suite(args.suite):
             print(f"{r['arch']:<9} {r['eps']:6.3f} {r['method']:<10} {r['tighter']:8.2%} {r['looser']:8.2%} "
                   f"{r['mean_gain']:10.4f} {r['median_gain']:12.4f}")

@@ -42,7 +42,11 @@ AFFINE_LAYERS = [
 ]
 
 
-@pytest.mark.parametrize("layer,in_shape", AFFINE_LAYERS, ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v))
+def _layer_id(v) -> str:
+    return type(v).__name__ if isinstance(v, nn.Module) else str(v)
+
+
+@pytest.mark.parametrize("layer,in_shape", AFFINE_LAYERS, ids=_layer_id)
 @pytest.mark.parametrize("shared", [True, False])
 def test_affine_rule_is_the_transposed_map(layer, in_shape, shared):
     """``A -> A J`` (vector-Jacobian product) and the bias ``<A, f(0)>``, for both bound sides."""

@@ -25,11 +25,12 @@ part of the box where the split constraints hold. Missing entries are computed f
 BatchNorm in training mode uses the statistics of the clean batch ``ref`` (default: ``x``), exactly as
 :func:`certdist.propagation.ibp.ibp` does. Memory: the backward matrices are processed in chunks of
 specification rows and samples so that they stay under ``max_memory`` bytes (an estimate: autograd
-graphs kept for training come on top).
+graphs kept for training come on top). On CUDA, cuDNN convolutions use TF32 unless
+``torch.backends.cudnn.allow_tf32 = False``: turn it off when the bounds are used to certify.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
