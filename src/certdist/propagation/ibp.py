@@ -129,6 +129,12 @@ def propagate(layers: Iterable[nn.Module], box: Interval, ref: torch.Tensor | No
     return (box, inter) if return_all else box
 
 
+def linear_interval(layer: nn.Linear, inp: Interval) -> Interval:
+    """IBP bounds of ``W z + b`` over the interval ``inp``."""
+    out, _ = _linear(layer, inp, None)
+    return out
+
+
 def linear_spec_interval(head: nn.Linear, inp: Interval, C: torch.Tensor) -> Interval:
     """Bounds of ``C (W h + b)`` with ``C`` folded into the last layer (tighter than bounding the
     logits first). ``C``: [B, S, K]."""

@@ -16,7 +16,7 @@ from certdist.bounds import Interval
 from certdist.config import RunConfig
 from certdist.losses import certified as L
 from certdist.losses.distillation import default_beta, distillation_loss
-from certdist.propagation.ibp import _linear, linear_spec_interval, propagate
+from certdist.propagation.ibp import linear_interval, linear_spec_interval, propagate
 from certdist.specs import full_margin_matrix
 from certdist.threats import ThreatModel
 from certdist.training.regularizers import l1_penalty, shi_regularizer
@@ -159,7 +159,7 @@ def _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, te
             r = box.radius @ P.weight.abs().T
             box = Interval(c - r, c + r)
     else:
-        point, box = logits_adv, _linear(model.head, feat_box, None)[0]
+        point, box = logits_adv, linear_interval(model.head, feat_box)
     loss = distillation_loss(point, box, target, alpha)
     stats["dist"] = loss.item()
     return _beta(cfg, target) * loss
