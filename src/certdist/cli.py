@@ -130,6 +130,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from certdist.reporting import plot_runs
+    print(f"written: {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from certdist.demo import run_demo
     return run_demo(out_dir=args.out_dir, quick=args.quick)
@@ -198,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run folders or parent folders")
     r.add_argument("--no-group", action="store_true", help="one row per run")
     r.set_defaults(fn=_cmd_table)
+
+    pl = sub.add_parser("plot", help="training curves of runs (metrics.csv) as an image")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("--out", default="curves.png")
+    pl.set_defaults(fn=_cmd_plot)
 
     w = sub.add_parser("sweep", help="run configs over seeds (in order; finished runs skipped), then the table")
     w.add_argument("items", nargs="+", help="config files, then key=value overrides applied to all")

@@ -50,3 +50,38 @@ def format_table(rows: list[dict], group: bool = True) -> str:
         cells += [_fmt([float(r[m]) for r in rs if m in r]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Training curves of runs (``metrics.csv``): test clean and IBP-certified accuracy, training eps
+    and loss per epoch, one line per run. Saved as an image (PNG, PDF or SVG by extension)."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for i, d in enumerate(map(Path, run_dirs)):
+        color = f"C{i % 10}"
+        f = d / "metrics.csv"
+        if not f.exists():
+            raise FileNotFoundError(f"no metrics.csv in {d}")
+        rows = list(csv.DictReader(f.open()))
+        ep = [int(float(r["epoch"])) for r in rows]
+        label = f"{d.parent.name}/{d.name}" if d.name.startswith("seed") else d.name
+        axes[0].plot(ep, [float(r["test_clean"]) for r in rows], color=color, label=f"{label} clean")
+        axes[0].plot(ep, [float(r["test_ibp_cert"]) for r in rows], "--", color=color, label=f"{label} IBP-cert")
+        axes[1].plot(ep, [float(r["eps"]) for r in rows], color=color, label=label)
+        axes[2].plot(ep, [float(r["train_loss"]) for r in rows], color=color, label=label)
+    for ax, title in zip(axes, ["test accuracy % (first 1000 points)", "training eps", "training loss"]):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

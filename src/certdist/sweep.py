@@ -15,24 +15,24 @@ from pathlib import Path
 from certdist.config import load_config
 
 
-def run_dir(config: str, seed: int, overrides: list[str]) -> Path:
+def run_dir(config: str | None, seed: int, overrides: list[str]) -> Path:
     c = load_config(config, overrides)
     return Path(c.out_dir) / c.name / f"seed{seed}"
 
 
-def _command(config: str, seed: int, overrides: list[str]) -> list[str]:
+def _command(config: str | None, seed: int, overrides: list[str]) -> list[str]:
     c = load_config(config, overrides)
     d = run_dir(config, seed, overrides)
-    cmd = [sys.executable, "-m", "certdist", "train", "--config", config, *overrides, f"seed={seed}",
+    cmd = [sys.executable, "-m", "certdist", "train", *(["--config", config] if config else []), *overrides, f"seed={seed}",
            f"name=seed{seed}", f"out_dir={Path(c.out_dir) / c.name}"]
     if (d / "last.pt").exists():
         cmd.append("--resume")
     return cmd
 
 
-def sweep(configs: list[str], seeds: list[int], overrides: list[str], jobs: int = 1) -> list[Path]:
+def sweep(configs: list[str | None], seeds: list[int], overrides: list[str], jobs: int = 1) -> list[Path]:
     done: list[Path] = []
-    for config in configs:
+    for config in configs or [None]:  # no file: the defaults and the overrides
         todo = []
         for s in seeds:
             d = run_dir(config, s, overrides)

@@ -122,3 +122,13 @@ def test_cli_train_evaluate_and_errors(tmp_path, capsys):
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     assert main(["train", *BASE, f"out_dir={tmp_path}", "eps=-1"]) == 2
     assert "eps: must be >= 0" in capsys.readouterr().err
+
+
+def test_table_sweep_and_plot(tmp_path, capsys):
+    assert main(["sweep", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "--seeds", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| synthetic | mlp | ibp | - | 0.1 | 2 seeds |" in out and "±" in out
+    assert main(["table", str(tmp_path / "sw")]) == 0
+    png = tmp_path / "c.png"
+    assert main(["plot", str(tmp_path / "sw" / "seed0"), str(tmp_path / "sw" / "seed1"), "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
