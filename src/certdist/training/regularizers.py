@@ -21,13 +21,22 @@ def shi_regularizer(input_box: Interval, pre_relu: list[Interval], tol: float = 
     loss_t = input_box.lower.new_zeros(())
     loss_r = input_box.lower.new_zeros(())
     for b in pre_relu:
-        center, radius = b.center, b.radius
-        loss_t = loss_t + F.relu(tol - tight0 / radius.mean().clamp(min=1e-12)) / tol
-        act, inact = (b.lower > 0).float(), (b.upper < 0).float()
-        mean_act = (center * act).mean()
-        mean_inact = (center * inact).mean()
-        delta = (center - center.mean()) ** 2
-        var_act, var_inact = (delta * act).sum(), (delta * inact).sum()
+        lo, up = b.lower.flatten(), b.upper.flatten()
+        n = lo.numel()
+        radius_mean = (up.sum() - lo.sum()) / (2 * n)
+        loss_t = loss_t + F.relu(tol - tight0 / radius_mean.clamp(min=1e-12)) / tol
+        # masked means and variances of the centres via dot products with the masks (no
+        # temporaries of the full size beyond c and c^2; memory traffic dominates this term)
+        c = (up + lo) * 0.5
+        act = (lo > 0).to(c.dtype)
+        inact = (up < 0).to(c.dtype)
+        c2 = c * c
+        mean = c.sum() / n
+        s_act, s_inact = c @ act, c @ inact
+        mean_act, mean_inact = s_act / n, s_inact / n
+        # sum over a mask of (c - mean)^2 = sum c^2 - 2 mean sum c + count mean^2
+        var_act = c2 @ act - 2 * mean * s_act + act.sum() * mean ** 2
+        var_inact = c2 @ inact - 2 * mean * s_inact + inact.sum() * mean ** 2
         mean_ratio = mean_act / -mean_inact
         var_ratio = var_act / var_inact
         mean_ratio = torch.min(mean_ratio, 1 / mean_ratio.clamp(min=1e-12))
