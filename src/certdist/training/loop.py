@@ -25,6 +25,7 @@ from certdist.propagation.ibp import ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 from certdist.training import checkpoint as ckpt
+from certdist.training.distributed import Dist, setup as setup_distributed
 from certdist.training.logging import MetricLogger
 from certdist.training.objective import StepContext, Teacher, compute_loss
 from certdist.training.schedules import linear_decay, lr_at, smooth_eps
@@ -34,9 +35,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run that would be overwritten, a bad teacher)."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dd: Dist | None = None) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dd is not None and dd.enabled:
+        return torch.device("cuda", dd.local_rank)
     return torch.device(name)
 
 
@@ -92,15 +95,18 @@ def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, 
     return t
 
 
-def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool, device: torch.device):
+def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool, device: torch.device,
+                dd: Dist = Dist()):
+    """Batches of ``cfg.batch_size`` (global) in a seeded permutation; each rank takes its share."""
     g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
     n = train.labels.shape[0]
     perm = torch.randperm(n, generator=g)
     pad = train.info.crop_padding
     for s in range(0, n, cfg.batch_size):
         idx = perm[s:s + cfg.batch_size]
-        if idx.numel() < 2 and n > 1:  # a batch of one breaks BatchNorm; skip the remainder
+        if idx.numel() < 2 * dd.world and n > 1:  # a batch of one breaks BatchNorm; skip the remainder
             continue
+        idx = dd.share(idx)
         x = train.images[idx].float().div_(255)
         if augment:
             x = D.random_hflip(D.random_crop(x, pad, g), g)
@@ -121,19 +127,24 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     """Train (or resume) the run described by ``cfg``; returns the run folder."""
     run_dir = run_dir_for(cfg)
     last = run_dir / "last.pt"
+    dd = setup_distributed(cfg.device)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                                 "replace it, or choose another name=...")
-        for f in ("last.pt", "metrics.csv", "results.json", "config.yaml"):
-            (run_dir / f).unlink(missing_ok=True)
+        dd.barrier()  # every rank has seen the old run before rank 0 removes it
+        if dd.is_main:
+            for f in ("last.pt", "metrics.csv", "results.json", "config.yaml"):
+                (run_dir / f).unlink(missing_ok=True)
     if resume and not last.exists():
         raise TrainingError(f"--resume: no checkpoint at {last}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dd.barrier()
+    if dd.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device, dd)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
 
     info = D.dataset_info(cfg.data.dataset)
     train_data = D.load(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
@@ -145,7 +156,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment)
     params = list(model.parameters()) + (list(teacher.projection.parameters()) if teacher and teacher.projection else [])
     opt = make_optimizer(cfg, params)
-    logger = MetricLogger(run_dir, tensorboard=cfg.logger == "tensorboard")
+    if dd.enabled:  # distinct attack randomness per rank from here on
+        seed_everything(cfg.seed + 1000 * dd.rank)
+    dd.barrier()
+    logger = MetricLogger(run_dir, tensorboard=cfg.logger == "tensorboard" and dd.is_main)
     start_epoch = 0
     if resume:
         payload = ckpt.load_checkpoint(last)
@@ -161,12 +175,14 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             teacher.projection.load_state_dict(payload["projection"])
         ckpt.set_rng_state(payload["rng"])
         start_epoch = payload["epoch"] + 1
+        if dd.enabled and not dd.is_main:  # rank 0's state was saved; the others re-derive theirs
+            seed_everything(cfg.seed + 1000 * dd.rank + start_epoch)
         logger.truncate(start_epoch)
-    else:
+    elif dd.is_main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     n = train_data.labels.shape[0]
-    steps_per_epoch = sum(1 for s in range(0, n, cfg.batch_size) if min(cfg.batch_size, n - s) >= 2 or n == 1)
+    steps_per_epoch = sum(1 for s in range(0, n, cfg.batch_size) if min(cfg.batch_size, n - s) >= 2 * dd.world or n == 1)
     test_threat = ThreatModel(cfg.eps)
     for epoch in range(start_epoch, cfg.epochs):
         lr = lr_at(epoch, cfg.lr, cfg.lr_milestones, cfg.lr_decay)
@@ -177,18 +193,19 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         counts: dict[str, int] = {}
         count = 0
         t0 = time.time()
-        bar = tqdm(_batch_iter(train_data, cfg, epoch, augment, device), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        bar = tqdm(_batch_iter(train_data, cfg, epoch, augment, device, dd), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or not dd.is_main, leave=False)
         for i, (idx, x, y) in enumerate(bar):
             ctx = step_context(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             loss, stats = compute_loss(cfg, model, x, y, ctx, teacher, idx)
-            if not math.isfinite(stats["loss"]):
+            if dd.broadcast_flag(not math.isfinite(stats["loss"])):
                 raise TrainingError(
                     f"non-finite loss ({stats['loss']}) at epoch {epoch + 1}, step {i} (eps {ctx.eps:.4g}); "
                     f"training stopped, the last good checkpoint is kept at {last if last.exists() else '(none yet)'}. "
                     "Try a lower lr or a stronger grad_clip.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dd.average_gradients(params)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -199,11 +216,16 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
                     counts[k] = counts.get(k, 0) + 1
             bar.set_postfix({k: f"{v / counts[k]:.3f}" for k, v in sums.items()} | {"eps": f"{ctx.eps:.3f}"})
         row = {"epoch": epoch + 1, "lr": lr, "eps": ctx.eps, "time_s": round(time.time() - t0, 2)}
-        row |= {f"train_{k}": round(v / counts[k], 5) for k, v in sums.items()}
-        row |= _quick_eval(model, test_data, test_threat, device)
-        logger.log(row)
-        tqdm.write(f"[{cfg.name}] " + " ".join(f"{k}={v}" for k, v in row.items()))
-        _save(last, cfg, model, opt, teacher, epoch, logger.rows, finished=False)
+        row |= {f"train_{k}": round(v / counts[k], 5) for k, v in sums.items()}  # rank 0's share
+        if dd.is_main:
+            row |= _quick_eval(model, test_data, test_threat, device)
+            logger.log(row)
+            tqdm.write(f"[{cfg.name}] " + " ".join(f"{k}={v}" for k, v in row.items()))
+            _save(last, cfg, model, opt, teacher, epoch, logger.rows, finished=False)
+        dd.barrier()
+
+    if not dd.is_main:
+        return run_dir
 
     results = evaluate(model, test_data.images, test_data.labels, test_threat, cfg.eval.pgd_steps,
                        cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
