@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from certdist.training.loop import train
     cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 0
     results = json.loads((run_dir / "results.json").read_text())
     _print_results([results])
     print(f"run folder: {run_dir}")

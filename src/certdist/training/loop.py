@@ -225,6 +225,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         dd.barrier()
 
     if not dd.is_main:
+        dd.barrier()  # wait for rank 0's final evaluation
         return run_dir
 
     results = evaluate(model, test_data.images, test_data.labels, test_threat, cfg.eval.pgd_steps,
@@ -238,6 +239,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     payload["finished"] = True
     payload["results"] = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
     ckpt.save_checkpoint(last, payload)
+    dd.barrier()
     return run_dir
 
 
