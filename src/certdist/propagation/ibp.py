@@ -3,7 +3,7 @@
 Each rule maps ``(module, Interval, ref)`` to ``(Interval, ref_out)``. ``ref`` is the clean
 activation at this layer (or ``None``); it is only needed by BatchNorm in training mode, whose
 affine map uses the statistics of the clean batch, as in the certified-training literature
-(Shi et al. 2021, auto_LiRPA). Bounds in centre/radius form: an affine map costs two matmuls.
+(Shi et al. 2021, auto_LiRPA). Affine maps work on centre and radius: two matmuls each.
 """
 from __future__ import annotations
 
@@ -36,27 +36,31 @@ def rule_for(module: nn.Module) -> Rule:
     return rule
 
 
-def _affine(c: torch.Tensor, r: torch.Tensor, lin, abs_lin) -> Interval:
-    c2 = lin(c)
-    r2 = abs_lin(r)
-    return Interval(c2 - r2, c2 + r2)
+def _sum_diff(inp: Interval) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u + l`` and ``u - l``: twice the centre and radius. Affine rules fold the 1/2 into their
+    (small) weights instead of halving the (large) activations."""
+    return inp.upper + inp.lower, inp.upper - inp.lower
 
 
 @register(nn.Linear)
 def _linear(m: nn.Linear, inp: Interval, ref):
-    out = _affine(inp.center, inp.radius, lambda c: F.linear(c, m.weight, m.bias),
-                  lambda r: F.linear(r, m.weight.abs()))
-    return out, (None if ref is None else F.linear(ref, m.weight, m.bias))
+    s, d = _sum_diff(inp)
+    c = F.linear(s, 0.5 * m.weight, m.bias)
+    r = F.linear(d, 0.5 * m.weight.abs())
+    return Interval(c - r, c + r), (None if ref is None else F.linear(ref, m.weight, m.bias))
 
 
 @register(nn.Conv2d)
 def _conv(m: nn.Conv2d, inp: Interval, ref):
     if m.padding_mode != "zeros":
         raise TypeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
-    conv = lambda x, w, b: F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
-    out = _affine(inp.center, inp.radius, lambda c: conv(c, m.weight, m.bias),
-                  lambda r: conv(r, m.weight.abs(), None))
-    return out, (None if ref is None else conv(ref, m.weight, m.bias))
+
+    def conv(x, w, b):
+        return F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)
+    s, d = _sum_diff(inp)
+    c = conv(s, 0.5 * m.weight, m.bias)
+    r = conv(d, 0.5 * m.weight.abs(), None)
+    return Interval(c - r, c + r), (None if ref is None else conv(ref, m.weight, m.bias))
 
 
 @register(nn.ReLU)
@@ -103,10 +107,11 @@ def batchnorm_affine(m: nn.modules.batchnorm._BatchNorm, ref: torch.Tensor | Non
 def _batchnorm(m: nn.modules.batchnorm._BatchNorm, inp: Interval, ref):
     scale, shift = batchnorm_affine(m, ref)
     shape = [1, -1] + [1] * (inp.lower.dim() - 2)
-    s, t = scale.view(shape), shift.view(shape)
-    c = inp.center * s + t
-    r = inp.radius * s.abs()
-    return Interval(c - r, c + r), (None if ref is None else ref * s + t)
+    a, t = scale.view(shape), shift.view(shape)
+    sm, df = _sum_diff(inp)
+    c = sm * (0.5 * a) + t
+    r = df * (0.5 * a.abs())
+    return Interval(c - r, c + r), (None if ref is None else ref * a + t)
 
 
 def needs_ref(layers: Iterable[nn.Module]) -> bool:
