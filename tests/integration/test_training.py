@@ -132,3 +132,21 @@ def test_table_sweep_and_plot(tmp_path, capsys):
     png = tmp_path / "c.png"
     assert main(["plot", str(tmp_path / "sw" / "seed0"), str(tmp_path / "sw" / "seed1"), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
+
+
+def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path):
+    c = cfg(tmp_path, "method=ibp", "epochs=2")
+    orig_save = loop._save
+
+    def crash(*a, **k):
+        orig_save(*a, **k)
+        raise KeyboardInterrupt
+    loop._save = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(c)
+    finally:
+        loop._save = orig_save
+    with pytest.raises(TrainingError, match=r"keys differ: \['lr'\]"):
+        train(cfg(tmp_path, "method=ibp", "epochs=2", "lr=0.01"), resume=True)
+    train(cfg(tmp_path, "method=ibp", "epochs=2", "progress=true", "num_threads=1"), resume=True)

@@ -31,6 +31,10 @@ from certdist.training.objective import StepContext, Teacher, compute_loss
 from certdist.training.schedules import linear_decay, lr_at, smooth_eps
 
 
+# settings that do not change the result: a run may be resumed with other values
+RUNTIME_KEYS = {"progress", "device", "num_threads", "logger"}
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run that would be overwritten, a bad teacher)."""
 
@@ -165,9 +169,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         payload = ckpt.load_checkpoint(last)
         if payload.get("finished"):
             raise TrainingError(f"{run_dir} is finished; nothing to resume (results in {run_dir / 'results.json'})")
-        saved = payload["config"]
-        if saved != to_dict(cfg):
-            diff = sorted(k for k in saved if saved[k] != to_dict(cfg).get(k))
+        saved, now = payload["config"], to_dict(cfg)
+        diff = sorted(k for k in set(saved) | set(now) if k not in RUNTIME_KEYS and saved.get(k) != now.get(k))
+        if diff:
             raise TrainingError(f"--resume with a different config than the checkpoint's (keys differ: {diff})")
         ckpt.load_weights(model, payload["model"], source=str(last))
         opt.load_state_dict(payload["optimizer"])
