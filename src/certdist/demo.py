@@ -22,7 +22,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False) -> int:
         common += ["data.train_limit=2000", "data.test_limit=200", "epochs=2", "ramp_epochs=1", "lr_milestones=[]"]
     else:
         common += ["epochs=6", "ramp_epochs=3", "lr_milestones=[5]", "data.test_limit=2000"]
-    teacher = Path(out_dir) / "teacher-standard" / "last.pt"
+    teacher = Path(out_dir) / "teacher-standard" / "seed0" / "last.pt"
     runs = [
         ("teacher-standard", ["method=standard", "reg_weight=0", "model.init=default"]),
         ("student-ibp", ["method=ibp", "train_eps_mul=2.0"]),
@@ -33,7 +33,7 @@ def run_demo(out_dir: str = "runs/demo", quick: bool = False) -> int:
     ]
     dirs = []
     for name, extra in runs:
-        run_dir = Path(out_dir) / name
+        run_dir = Path(out_dir) / name / "seed0"
         if (run_dir / "results.json").exists():
             print(f"[demo] {name}: already finished, reusing {run_dir}")
         else:
@@ -60,6 +60,6 @@ def _certify_students(dirs: list[Path], n: int, timeout: float) -> None:
         out = d / f"certify_first{n}.jsonl"
         s = certify_dataset(model, test.images.float() / 255, test.labels, ThreatModel(0.1), out, timeout=timeout,
                             progress=False)
-        print(f"| {d.name} | {100 * s['clean_accuracy']:.1f} | {100 * s['attack_accuracy']:.1f} | "
+        print(f"| {d.parent.name} | {100 * s['clean_accuracy']:.1f} | {100 * s['attack_accuracy']:.1f} | "
               f"{100 * s['ibp_certified_accuracy']:.1f} | {100 * s['certified_accuracy']:.1f} | "
               f"{s['counts']['unknown']} |")

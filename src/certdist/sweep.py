@@ -1,6 +1,6 @@
 """Run configs over several seeds (``certdist sweep``), in order, optionally in parallel.
 
-Run ``k`` of config ``C`` lives in ``<out_dir>/<C.name>/seed<k>``. Configs run in the order given
+Run ``k`` of config ``C`` lives in ``<out_dir>/<C.name>/seed<k>``, as every run does. Configs run in the order given
 (so a teacher listed first is finished before its students start); the seeds of one config run
 ``jobs`` at a time as separate processes. Finished runs are skipped and interrupted ones resumed,
 so a sweep can be re-launched after a crash.
@@ -13,18 +13,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from certdist.config import load_config
+from certdist.training.loop import run_dir_for
 
 
 def run_dir(config: str | None, seed: int, overrides: list[str]) -> Path:
-    c = load_config(config, overrides)
-    return Path(c.out_dir) / c.name / f"seed{seed}"
+    return run_dir_for(load_config(config, overrides + [f"seed={seed}"]))
 
 
 def _command(config: str | None, seed: int, overrides: list[str]) -> list[str]:
-    c = load_config(config, overrides)
     d = run_dir(config, seed, overrides)
-    cmd = [sys.executable, "-m", "certdist", "train", *(["--config", config] if config else []), *overrides, f"seed={seed}",
-           f"name=seed{seed}", f"out_dir={Path(c.out_dir) / c.name}"]
+    cmd = [sys.executable, "-m", "certdist", "train", *(["--config", config] if config else []), *overrides,
+           f"seed={seed}"]
     if (d / "last.pt").exists():
         cmd.append("--resume")
     return cmd

@@ -13,7 +13,7 @@ BASE = ["data.dataset=synthetic", "model.arch=mlp", "eps=0.05", "epochs=2", "war
 
 def test_certify_shards_merge_export(tmp_path, capsys):
     assert main(["train", *BASE, f"out_dir={tmp_path}", "name=n"]) == 0
-    ck = str(tmp_path / "n" / "last.pt")
+    ck = str(tmp_path / "n" / "seed0" / "last.pt")
     full = tmp_path / "full.jsonl"
     assert main(["certify", "--checkpoint", ck, "--limit", "12", "--timeout", "3", "--out", str(full),
                  "--attack-steps", "20", "--restarts", "2"]) == 0

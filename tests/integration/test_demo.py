@@ -11,7 +11,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     for method in ("standard", "ibp", "cc-ibp"):
         assert f"| mnist | dm_small | {method} |" in out
-    assert (tmp_path / "runs" / "student-ccdist" / "results.json").exists()
+    assert (tmp_path / "runs" / "student-ccdist" / "seed0" / "results.json").exists()
     assert "| student-ccdist |" in out and "complete verification" in out
     # re-running reuses the finished runs instead of overwriting them
     assert main(["demo", "--quick", "--out-dir", str(tmp_path / "runs")]) == 0

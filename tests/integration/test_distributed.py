@@ -37,8 +37,8 @@ def test_two_ranks_match_one_process(tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     single = train(load_config(None, BASE + [f"out_dir={tmp_path}", "name=single"]))
-    a = ckpt.load_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
+    a = ckpt.load_checkpoint(tmp_path / "ddp" / "seed0" / "last.pt")["model"]
     b = ckpt.load_checkpoint(single / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["n"] == 64
+    assert json.loads((tmp_path / "ddp" / "seed0" / "results.json").read_text())["n"] == 64

@@ -42,8 +42,7 @@ def test_ibp_training_certifies(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     full = train(cfg(tmp_path / "a", "method=cc-ibp", "name=r"))
     c = cfg(tmp_path / "b", "method=cc-ibp", "name=r")
-    # interrupted after the first epoch: emulate by training 1 epoch with an identical config, then
-    # rewrite the checkpoint's config so that --resume sees the same run
+    # the same run, killed right after its first checkpoint, then resumed
     orig_save = loop._save
     calls = []
 
@@ -91,7 +90,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "compute_loss", nan_in_second_epoch)
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2.*last good checkpoint is kept"):
         train(c)
-    payload = ckpt.load_checkpoint(tmp_path / "run" / "last.pt")
+    payload = ckpt.load_checkpoint(tmp_path / "run" / "seed0" / "last.pt")
     assert payload["epoch"] == 0 and not payload["finished"]
     assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
 
@@ -116,8 +115,8 @@ def test_cli_train_evaluate_and_errors(tmp_path, capsys):
     assert main(["train", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=cli", "epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "| synthetic | mlp | ibp |" in out
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "cli" / "last.pt"), "--limit", "100"]) == 0
-    assert (tmp_path / "cli" / "eval_eps0.1.json").exists()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "cli" / "seed0" / "last.pt"), "--limit", "100"]) == 0
+    assert (tmp_path / "cli" / "seed0" / "eval_eps0.1.json").exists()
     assert main(["train", *BASE, f"out_dir={tmp_path}", "bogus=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     assert main(["train", *BASE, f"out_dir={tmp_path}", "eps=-1"]) == 2

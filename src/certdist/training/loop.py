@@ -1,7 +1,7 @@
 """The one training loop for every method (standard, PGD-AT, IBP, CROWN-IBP, SABR, the expressive
 losses, with or without a teacher).
 
-A run lives in ``out_dir/name``: ``config.yaml`` (the resolved config), ``last.pt`` (a checkpoint
+A run lives in ``out_dir/name/seed<seed>``: ``config.yaml`` (the resolved config), ``last.pt`` (a checkpoint
 after every epoch, written atomically), ``metrics.csv`` and, once finished, ``results.json``.
 """
 from __future__ import annotations
@@ -124,7 +124,8 @@ def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    return Path(cfg.out_dir) / cfg.name
+    """``<out_dir>/<name>/seed<seed>``: the seeds of one setting sit side by side."""
+    return Path(cfg.out_dir) / cfg.name / f"seed{cfg.seed}"
 
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
