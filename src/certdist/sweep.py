@@ -1,19 +1,20 @@
 """Run configs over several seeds (``certdist sweep``), in order, optionally in parallel.
 
-Run ``k`` of config ``C`` lives in ``<out_dir>/<C.name>/seed<k>``, as every run does. Configs run in the order given
-(so a teacher listed first is finished before its students start); the seeds of one config run
-``jobs`` at a time as separate processes. Finished runs are skipped and interrupted ones resumed,
-so a sweep can be re-launched after a crash.
+Run ``k`` of config ``C`` lives in ``<out_dir>/<C.name>/seed<k>``, as every run does. Configs run in
+the order given (so a teacher listed first is finished before its students start); the seeds of one config run
+``jobs`` at a time as separate processes. Finished runs with the same settings are skipped (other
+settings are an error) and interrupted ones resumed, so a sweep can be re-launched after a crash.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from certdist.config import load_config
-from certdist.training.loop import run_dir_for
+from certdist.config import load_config, to_dict
+from certdist.training.loop import RUNTIME_KEYS, TrainingError, run_dir_for
 
 
 def run_dir(config: str | None, seed: int, overrides: list[str]) -> Path:
@@ -29,6 +30,16 @@ def _command(config: str | None, seed: int, overrides: list[str]) -> list[str]:
     return cmd
 
 
+def _check_same(d: Path, config: str | None, seed: int, overrides: list[str]) -> None:
+    """A finished run is only reused for the very same settings."""
+    saved = json.loads((d / "results.json").read_text()).get("config", {})
+    now = to_dict(load_config(config, overrides + [f"seed={seed}"]))
+    diff = sorted(k for k in set(saved) | set(now) if k not in RUNTIME_KEYS and saved.get(k) != now.get(k))
+    if diff:
+        raise TrainingError(f"{d} holds a finished run with other settings (keys differ: {diff}); "
+                            "change name=... or remove the folder")
+
+
 def sweep(configs: list[str | None], seeds: list[int], overrides: list[str], jobs: int = 1) -> list[Path]:
     done: list[Path] = []
     for config in configs or [None]:  # no file: the defaults and the overrides
@@ -36,6 +47,7 @@ def sweep(configs: list[str | None], seeds: list[int], overrides: list[str], job
         for s in seeds:
             d = run_dir(config, s, overrides)
             if (d / "results.json").exists():
+                _check_same(d, config, s, overrides)
                 print(f"[sweep] {d}: finished, skipped")
             else:
                 todo.append(s)

@@ -149,3 +149,10 @@ def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path):
     with pytest.raises(TrainingError, match=r"keys differ: \['lr'\]"):
         train(cfg(tmp_path, "method=ibp", "epochs=2", "lr=0.01"), resume=True)
     train(cfg(tmp_path, "method=ibp", "epochs=2", "progress=true", "num_threads=1"), resume=True)
+
+
+def test_sweep_refuses_to_reuse_a_run_with_other_settings(tmp_path):
+    from certdist.sweep import sweep
+    sweep([None], [0], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1"])
+    with pytest.raises(TrainingError, match=r"other settings \(keys differ: \['epochs'\]\)"):
+        sweep([None], [0], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=2"])
