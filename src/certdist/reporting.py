@@ -23,7 +23,14 @@ def collect(paths: list[str | Path]) -> list[dict]:
 
 def _group_key(r: dict) -> tuple:
     teacher = "yes" if r.get("teacher") else "-"
-    return (r.get("dataset"), r.get("arch"), r.get("method"), teacher, r.get("eps"))
+    return (r.get("config", {}).get("name", "?"), r.get("dataset"), r.get("arch"), r.get("method"), teacher,
+            r.get("eps"))
+
+
+def _settings(r: dict) -> str:
+    """The run's settings without seed and runtime keys, to detect groups that mix settings."""
+    skip = {"seed", "progress", "device", "num_threads", "logger"}
+    return json.dumps({k: v for k, v in r.get("config", {}).items() if k not in skip}, sort_keys=True)
 
 
 def _fmt(values: list[float]) -> str:
@@ -37,16 +44,20 @@ def _fmt(values: list[float]) -> str:
 
 
 def format_table(rows: list[dict], group: bool = True) -> str:
-    """A Markdown table; with ``group``, one row per (dataset, arch, method, teacher, eps) with the
-    mean and sample standard deviation over the runs (seeds) in the group."""
-    head = ["dataset", "arch", "method", "teacher", "eps", "n", "clean %", "PGD %", "IBP-cert %", "train s"]
+    """A Markdown table; with ``group``, one row per run name (the seeds of one setting) with the
+    mean and sample standard deviation over its runs; a group whose runs differ in more than the seed
+    is marked "mixed settings"."""
+    head = ["run", "dataset", "arch", "method", "teacher", "eps", "n", "clean %", "PGD %", "IBP-cert %", "train s"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         key = _group_key(r) if group else _group_key(r) + (r.get("run", id(r)),)
         groups.setdefault(key, []).append(r)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, rs in groups.items():
-        cells = [str(v) for v in key[:5]] + [f"{len(rs)}" + (" seeds" if group and len(rs) > 1 else "")]
+        n = f"{len(rs)}" + (" seeds" if group and len(rs) > 1 else "")
+        if len({_settings(r) for r in rs}) > 1:
+            n += " (mixed settings!)"
+        cells = [str(v) for v in key[:6]] + [n]
         cells += [_fmt([float(r[m]) for r in rs if m in r]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -128,6 +128,10 @@ def test_table_sweep_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| synthetic | mlp | ibp | - | 0.1 | 2 seeds |" in out and "±" in out
     assert main(["table", str(tmp_path / "sw")]) == 0
+    assert main(["train", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "seed=2", "lr=0.01"]) == 0
+    capsys.readouterr()
+    assert main(["table", str(tmp_path / "sw")]) == 0
+    assert "| sw | synthetic | mlp | ibp | - | 0.1 | 3 seeds (mixed settings!) |" in capsys.readouterr().out
     png = tmp_path / "c.png"
     assert main(["plot", str(tmp_path / "sw" / "seed0"), str(tmp_path / "sw" / "seed1"), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
