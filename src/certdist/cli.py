@@ -29,10 +29,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
     dataset, eps = _dataset_and_eps(args, cfg)
+    _check_fits(model, dataset)
     test = D.load(dataset, "test", data_dir=args.data_dir, limit=args.limit)
     ev = cfg.get("eval", {})
-    res = evaluate(model, test.images, test.labels, ThreatModel(eps), pgd_steps=args.pgd_steps or ev.get("pgd_steps", 40),
-                   pgd_restarts=args.pgd_restarts or ev.get("pgd_restarts", 1))
+    res = evaluate(model, test.images, test.labels, ThreatModel(eps),
+                   pgd_steps=args.pgd_steps if args.pgd_steps is not None else ev.get("pgd_steps", 40),
+                   pgd_restarts=args.pgd_restarts if args.pgd_restarts is not None else ev.get("pgd_restarts", 1))
     res |= {"dataset": dataset, "arch": model.arch, "method": cfg.get("method"), "checkpoint": str(args.checkpoint)}
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_eps{eps:g}.json")
     if out.exists() and not args.overwrite:
@@ -51,6 +53,16 @@ def _dataset_and_eps(args: argparse.Namespace, cfg: dict) -> tuple[str, float]:
     if eps < 0:
         raise SystemExit(f"error: --eps must be >= 0, got {eps}")
     return dataset, float(eps)
+
+
+def _check_fits(model, dataset: str) -> None:
+    """The dataset's images must have the shape and classes the model was trained on."""
+    from certdist import data as D
+    info, spec = D.dataset_info(dataset), model.input_spec
+    if (info.channels, info.size, info.num_classes) != (spec.channels, spec.size, spec.num_classes):
+        raise SystemExit(f"error: dataset {dataset!r} has {info.channels}x{info.size}x{info.size} images and "
+                         f"{info.num_classes} classes; the model expects {spec.channels}x{spec.size}x{spec.size} "
+                         f"and {spec.num_classes}")
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -83,6 +95,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
     dataset, eps = _dataset_and_eps(args, cfg)
+    _check_fits(model, dataset)
     test = D.load(dataset, "test", data_dir=args.data_dir)
     shard = _parse_shard(args.shard)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
@@ -97,6 +110,9 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from certdist.verification.certify import format_summary, merge
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"error: no such result file: {', '.join(missing)}")
     print(format_summary(merge(args.files)))
     return 0
 
@@ -110,6 +126,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     dataset = args.dataset or cfg.get("data", {}).get("dataset")
     if dataset is None:
         raise SystemExit("error: the checkpoint names no dataset; pass --dataset")
+    if args.eps < 0:
+        raise SystemExit(f"error: --eps must be >= 0, got {args.eps}")
+    _check_fits(model, dataset)
     test = D.load(dataset, "test", data_dir=args.data_dir)
     path = export_benchmark(model, test.images.float() / 255, test.labels, args.eps, args.out, limit=args.limit)
     print(f"exported to {path}")
@@ -239,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad values reaching the library (e.g. --timeout 0); CERTDIST_DEBUG=1 for the traceback
+        if os.environ.get("CERTDIST_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

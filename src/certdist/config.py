@@ -153,6 +153,27 @@ def validate(c: RunConfig) -> None:
         bad("distill.alpha", f"must lie in [0, 1], got {d.alpha}")
     if d.teacher is not None and c.method in ("standard", "pgd-at"):
         bad("distill.teacher", f"distillation needs a certified method, got method={c.method!r}")
+    e = c.eval
+    if e.batch_size < 1 or e.pgd_steps < 0 or e.pgd_restarts < 1 or not e.pgd_step_size > 0:
+        bad("eval", "need batch_size >= 1, pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
+    if e.limit is not None and e.limit < 1:
+        bad("eval.limit", f"must be >= 1 (or null for the whole test set), got {e.limit}")
+    if not c.lr_decay > 0:
+        bad("lr_decay", f"must be > 0, got {c.lr_decay}")
+    if not c.attack.step_size > 0:
+        bad("attack.step_size", f"must be > 0, got {c.attack.step_size}")
+    if c.seed < 0:
+        bad("seed", f"must be >= 0, got {c.seed}")
+    for k in ("train_limit", "test_limit"):
+        v = getattr(c.data, k)
+        if v is not None and v < 1:
+            bad(f"data.{k}", f"must be >= 1 (or null for the whole split), got {v}")
+    from certdist.data import DATASETS
+    from certdist.models import MODELS
+    if c.data.dataset not in DATASETS:
+        bad("data.dataset", f"unknown dataset {c.data.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
+    if c.model.arch not in MODELS:
+        bad("model.arch", f"unknown model {c.model.arch!r}; valid: {', '.join(sorted(MODELS))}")
     if c.model.init not in ("ibp", "default"):
         bad("model.init", f"unknown init {c.model.init!r}; valid: ibp, default")
 

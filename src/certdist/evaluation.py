@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certdist.attacks.pgd import pgd
-from certdist.propagation.ibp import ibp
+from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 
@@ -22,9 +22,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
     expressive-losses code); a point counts as robust only if it is correctly classified, the
     attack fails, and (for the certified count) the IBP margins are all positive.
     """
+    if images.dtype != torch.uint8 and images.numel() and (images.min() < threat.data_min or images.max() > threat.data_max):
+        raise ValueError(f"images must be uint8 or floats in [{threat.data_min}, {threat.data_max}], got values in "
+                         f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    n = labels.shape[0]
+    if n == 0:
+        raise ValueError("evaluate: no test points (limit 0 or an empty split)")
     was_training = model.training
     model.eval()
-    n = labels.shape[0]
     clean = adv = cert = 0
     t0 = time.time()
     bar = tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False)
@@ -33,7 +38,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
             x = images[s:s + batch_size].to(device)
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             y = labels[s:s + batch_size].to(device)
-            with torch.inference_mode():
+            with torch.inference_mode(), exact_fp32():
                 ok = model(x).argmax(1) == y
                 lb = ibp(model, x, threat, C=margin_matrix(y, model.num_classes)).lower
                 cert_ok = ok & (lb > 0).all(dim=1)

@@ -32,6 +32,11 @@ def test_certify_shards_merge_export(tmp_path, capsys):
     import pytest
     with pytest.raises(SystemExit, match="0 <= i < n"):
         main(["certify", "--checkpoint", ck, "--shard", "3/2"])
+    with pytest.raises(SystemExit, match="dataset 'mnist' has 1x28x28 images"):
+        main(["certify", "--checkpoint", ck, "--dataset", "mnist"])
+    with pytest.raises(SystemExit, match="no such result file"):
+        main(["merge", str(tmp_path / "missing.jsonl")])
+    assert main(["certify", "--checkpoint", ck, "--timeout", "0", "--limit", "2", "--out", str(tmp_path / "t.jsonl")]) == 2
     out = tmp_path / "export"
     assert main(["export", "--checkpoint", ck, "--eps", "0.05", "--out", str(out), "--limit", "3"]) == 0
     model = onnx.load(str(next(out.rglob("*.onnx"))))

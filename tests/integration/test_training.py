@@ -58,6 +58,7 @@ def test_resume_continues_exactly(tmp_path):
     finally:
         loop._save = orig_save
     resumed = train(c, resume=True)
+    assert [r.split(",")[0] for r in (resumed / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
     a = ckpt.load_checkpoint(full / "last.pt")["model"]
     b = ckpt.load_checkpoint(resumed / "last.pt")["model"]
     for k in a:

@@ -182,3 +182,27 @@ def test_batched_ibp_prepass_keeps_the_verdicts(net_data, tmp_path):
         b = read_records(certify_dataset(net, X, Y, threat, tmp_path / f"b{eps}.jsonl", limit=12,
                                          batched_ibp=False, **FAST) and tmp_path / f"b{eps}.jsonl")
         assert [(r["index"], r["status"], r["stage"]) for r in a] == [(r["index"], r["status"], r["stage"]) for r in b]
+
+
+def test_overflowing_bounds_are_never_a_proof():
+    """Weights that overflow float32 bound arithmetic give NaN bounds: they must not verify a point
+    that has a counterexample (found in float64 at (0.6, 0.5))."""
+    from certdist.models.cnn import mlp
+    from certdist.models import InputSpec
+    from certdist.verification import CertifyConfig, certify_point, dense_from_model, eval_copy
+    m = mlp(InputSpec(2, 1, 2, (0.0, 0.0), (1.0, 1.0)), widths=(2, 2))
+    l1, l2, head = m.features[2], m.features[4], m.head
+    with torch.no_grad():
+        l1.weight.copy_(torch.tensor([[1e37, -1e37], [-1e37, 1e37]]))
+        l1.bias.zero_()
+        l2.weight.copy_(torch.tensor([[1e5, 1e5], [2e5, 2e5]]))
+        l2.bias.zero_()
+        head.weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+        head.bias.copy_(torch.tensor([1.0, 0.0]))
+    net = eval_copy(m)
+    x = torch.full((1, 2, 1, 1), 0.5)
+    dense = dense_from_model(net, (2, 1, 1))
+    for complete in ("milp", "bab"):
+        rec = certify_point(net, x, 0, ThreatModel(0.1),
+                            CertifyConfig(timeout=5, complete=complete, attack_steps=10, restarts=2), 0, dense)
+        assert rec["status"] != "verified", rec

@@ -51,3 +51,18 @@ def test_missing_file_and_bad_override():
 def test_teacher_needs_certified_method():
     with pytest.raises(ConfigError, match="distillation needs a certified method"):
         load_config(None, ["method=standard", "distill.teacher=t.pt"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("eval.batch_size=0", "eval: need batch_size >= 1"),
+    ("eval.limit=0", "eval.limit: must be >= 1"),
+    ("lr_decay=0", "lr_decay: must be > 0"),
+    ("seed=-1", "seed: must be >= 0"),
+    ("data.train_limit=0", "data.train_limit: must be >= 1"),
+    ("data.dataset=foo", "unknown dataset 'foo'; valid: .*mnist"),
+    ("model.arch=foo", "unknown model 'foo'; valid: .*dm_small"),
+    ("attack.step_size=0", "attack.step_size: must be > 0"),
+])
+def test_more_bad_values(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

@@ -77,3 +77,21 @@ def test_alpha_extremes_through_objective():
     torch.manual_seed(1)
     a0 = compute_loss(cfg0, net, x, y, ctx(0.1))[0]
     torch.testing.assert_close(a0, F.cross_entropy(net(xa), y))
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "sabr", "cc-ibp", "mtl-ibp"])
+def test_batchnorm_running_stats_come_from_the_clean_batch(method):
+    """With momentum 1 the running statistics after one step equal the clean batch's statistics,
+    whatever forward passes on adversarial points the method makes."""
+    net = random_net("conv_bn", 4, bn_train=True)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 1.0
+    x, y = torch.rand(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    expect = __import__("copy").deepcopy(net)
+    with torch.no_grad():
+        expect(x)  # a clean train-mode forward with momentum 1: running stats = clean batch stats
+    cfg = load_config(None, [f"method={method}", "attack.steps=2", "attack.train_mode=true"])
+    compute_loss(cfg, net, x, y, StepContext(eps=0.1, eps_final=0.1, reg_scale=0.0, crown_beta=0.5))
+    for (name, a), (_, b) in zip(net.named_buffers(), expect.named_buffers()):
+        torch.testing.assert_close(a, b, msg=f"{method}: buffer {name}")

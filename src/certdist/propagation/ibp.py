@@ -7,7 +7,8 @@ affine map uses the statistics of the clean batch, as in the certified-training 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import contextlib
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,20 +115,65 @@ def _batchnorm(m: nn.modules.batchnorm._BatchNorm, inp: Interval, ref):
     return Interval(c - r, c + r), (None if ref is None else ref * a + t)
 
 
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Disable TF32 matmuls/convolutions on CUDA (10-bit mantissas would make certified counts
+    unsound by up to ~1e-3 relative); restores the previous settings. A no-op on the CPU."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _is_train_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside do not change BatchNorm running statistics (train-mode passes on
+    adversarial points still normalise with their batch statistics)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
 def needs_ref(layers: Iterable[nn.Module]) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
                for m in layers)
 
 
 def propagate(layers: Iterable[nn.Module], box: Interval, ref: torch.Tensor | None = None,
-              return_all: bool = False):
+              return_all: bool = False, update_bn_stats: bool = False):
     """Push ``box`` through ``layers``. Returns the output interval (and, with ``return_all``,
-    the list of intervals after every layer, which CROWN-IBP and ReLU statistics use)."""
+    the list of intervals after every layer, which CROWN-IBP and ReLU statistics use).
+
+    ``update_bn_stats``: train-mode BatchNorm layers also update their running statistics from the
+    clean activations ``ref`` (what their forward pass on the clean batch would do), so that the
+    eval-mode network used for evaluation and verification has clean-data statistics."""
     layers = list(layers)
     if ref is not None and not needs_ref(layers):
         ref = None
     inter = []
     for m in layers:
+        if update_bn_stats and ref is not None and _is_train_bn(m):
+            with torch.no_grad():
+                m.num_batches_tracked.add_(1)
+                factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+                F.batch_norm(ref.detach(), m.running_mean, m.running_var, None, None, True, factor, m.eps)
         box, ref = rule_for(m)(m, box, ref)
         if return_all:
             inter.append(box)

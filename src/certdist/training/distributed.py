@@ -46,11 +46,12 @@ class Dist:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(self.world)
 
-    def broadcast_flag(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (e.g. a non-finite loss on one rank)."""
+    def broadcast_flag(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """True on every rank if it is true on any (e.g. a non-finite loss on one rank). ``device``:
+        the training device (NCCL reduces CUDA tensors only)."""
         if not self.enabled:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 

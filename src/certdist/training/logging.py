@@ -40,4 +40,4 @@ class MetricLogger:
 
     def truncate(self, epochs_done: int) -> None:
         """On resume: drop rows of epochs after the checkpoint (they will be re-run)."""
-        self.rows = [r for r in self.rows if int(float(r.get("epoch", 0))) < epochs_done]
+        self.rows = [r for r in self.rows if int(float(r.get("epoch", 0))) <= epochs_done]  # 1-based epochs

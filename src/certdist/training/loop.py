@@ -21,7 +21,7 @@ from certdist import data as D
 from certdist.config import RunConfig, dump_yaml, to_dict
 from certdist.evaluation import evaluate
 from certdist.models import CertifiableNet, InputSpec, build_model
-from certdist.propagation.ibp import ibp
+from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 from certdist.training import checkpoint as ckpt
@@ -32,7 +32,7 @@ from certdist.training.schedules import linear_decay, lr_at, smooth_eps
 
 
 # settings that do not change the result: a run may be resumed with other values
-RUNTIME_KEYS = {"progress", "device", "num_threads", "logger"}
+RUNTIME_KEYS = {"progress", "device", "num_threads", "logger", "eval"}
 
 
 class TrainingError(RuntimeError):
@@ -203,7 +203,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         for i, (idx, x, y) in enumerate(bar):
             ctx = step_context(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             loss, stats = compute_loss(cfg, model, x, y, ctx, teacher, idx)
-            if dd.broadcast_flag(not math.isfinite(stats["loss"])):
+            if dd.broadcast_flag(not math.isfinite(stats["loss"]), device):
                 raise TrainingError(
                     f"non-finite loss ({stats['loss']}) at epoch {epoch + 1}, step {i} (eps {ctx.eps:.4g}); "
                     f"training stopped, the last good checkpoint is kept at {last if last.exists() else '(none yet)'}. "
@@ -233,7 +233,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         dd.barrier()  # wait for rank 0's final evaluation
         return run_dir
 
-    results = evaluate(model, test_data.images, test_data.labels, test_threat, cfg.eval.pgd_steps,
+    lim = cfg.eval.limit
+    results = evaluate(model, test_data.images[:lim], test_data.labels[:lim], test_threat, cfg.eval.pgd_steps,
                        cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
                        progress=cfg.progress)
     results |= {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "method": cfg.method,
@@ -254,8 +255,9 @@ def _quick_eval(model: nn.Module, test: "D.TensorData", threat: ThreatModel, dev
     model.eval()
     x = test.images[:n].float().div_(255).to(device)
     y = test.labels[:n].to(device)
-    ok = model(x).argmax(1) == y
-    lb = ibp(model, x, threat, C=margin_matrix(y, model.num_classes)).lower
+    with exact_fp32():
+        ok = model(x).argmax(1) == y
+        lb = ibp(model, x, threat, C=margin_matrix(y, model.num_classes)).lower
     cert = ok & (lb > 0).all(dim=1)
     model.train()
     return {"test_clean": round(100 * ok.float().mean().item(), 2), "test_ibp_cert": round(100 * cert.float().mean().item(), 2)}

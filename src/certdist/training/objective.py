@@ -16,7 +16,8 @@ from certdist.bounds import Interval
 from certdist.config import RunConfig
 from certdist.losses import certified as L
 from certdist.losses.distillation import default_beta, distillation_loss
-from certdist.propagation.ibp import linear_interval, linear_spec_interval, propagate
+from certdist.models.layers import Normalize
+from certdist.propagation.ibp import frozen_bn_stats, linear_interval, linear_spec_interval, propagate
 from certdist.specs import full_margin_matrix
 from certdist.threats import ThreatModel
 from certdist.training.regularizers import l1_penalty, shi_regularizer
@@ -102,11 +103,14 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
     if method not in CERTIFIED_METHODS:
         raise ValueError(f"unknown method {method!r}")
-    x_adv = attack_point(cfg, model, x, y, eps) if method in ATTACK_METHODS else None
+    # BatchNorm running statistics come from the clean batch only (updated inside propagate);
+    # the passes on adversarial points normalise with their own batch statistics but record nothing
+    with frozen_bn_stats(model):
+        x_adv = attack_point(cfg, model, x, y, eps) if method in ATTACK_METHODS else None
     box = sabr_box(x, x_adv, eps, cfg.sabr_lambda) if method == "sabr" else ThreatModel(eps).box(x)
     layers = list(model.features)
     need_all = ctx.reg_scale > 0 and cfg.reg_weight > 0
-    res = propagate(layers, box, ref=x, return_all=need_all)
+    res = propagate(layers, box, ref=x, return_all=need_all, update_bn_stats=True)
     feat_box, inter = res if need_all else (res, None)
     C = full_margin_matrix(y, model.num_classes)
     zd_lb = linear_spec_interval(model.head, feat_box, C).lower
@@ -118,7 +122,8 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
     logits_adv = feats_adv = None
     if x_adv is not None and method != "sabr":
-        logits_adv, feats_adv = model.forward_with_features(x_adv)
+        with frozen_bn_stats(model):
+            logits_adv, feats_adv = model.forward_with_features(x_adv)
         stats["adv_acc"] = (logits_adv.argmax(1) == y).float().mean().item()
     if method in ("ibp", "crown-ibp", "sabr"):
         loss = L.ibp_loss(zd_lb, y)
@@ -130,7 +135,9 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
         loss = L.exp_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
 
     if need_all:
-        reg = shi_regularizer(box, _pre_relu(layers, inter), cfg.reg_tol)
+        # the input box in the network's (normalised) units, as in Shi et al.'s code
+        in_box = inter[0] if isinstance(layers[0], Normalize) else box
+        reg = shi_regularizer(in_box, _pre_relu(layers, inter), cfg.reg_tol)
         loss = loss + cfg.reg_weight * ctx.reg_scale * reg
         stats["reg"] = reg.item()
 
@@ -147,7 +154,8 @@ def _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, te
     d = cfg.distill
     alpha = d.alpha if d.alpha is not None else (cfg.alpha if cfg.method in ("cc-ibp", "mtl-ibp", "exp-ibp") else 1.0)
     if feats_adv is None:  # methods without an attack point: the clean point (or SABR's attack point)
-        logits_adv, feats_adv = model.forward_with_features(x if x_adv is None else x_adv)
+        with frozen_bn_stats(model):
+            logits_adv, feats_adv = model.forward_with_features(x if x_adv is None else x_adv)
     t_in = x if d.teacher_input == "clean" else (x_adv if x_adv is not None else x)
     target = teacher.targets(t_in, idx if d.teacher_input == "clean" else None, d.level)
     if d.level == "features":

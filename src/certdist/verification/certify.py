@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from certdist.attacks.pgd import pgd
-from certdist.propagation.ibp import ibp
+from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 from certdist.verification.bab import bab_verify
@@ -188,7 +188,7 @@ def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int) -> torch.Tens
 def _bound_stages(model, x, y_t, threat, C, cfg: CertifyConfig, p: _Point) -> tuple[str | None, torch.Tensor]:
     """IBP, CROWN, alpha-CROWN in turn; returns (proving stage or None, best lower bound per row [S])."""
     with torch.no_grad():
-        best = ibp(model, x, threat, C=C).lower[0]
+        best = _finite_or_minus_inf(ibp(model, x, threat, C=C).lower[0])
     p.margins["ibp"] = float(best.min())
     if best.min() > 0:
         return "ibp", best
@@ -208,12 +208,17 @@ def _bound_stages(model, x, y_t, threat, C, cfg: CertifyConfig, p: _Point) -> tu
             else:
                 out = fn(model, x, threat, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
                          intermediate="crown", intermediate_bounds=pre, bound_upper=False)
-        low = out.lower[0].detach()
+        low = _finite_or_minus_inf(out.lower[0].detach())
         p.margins[stage] = float(low.min())
         best = torch.maximum(best, low)
         if low.min() > 0:
             return stage, best
     return None, best
+
+
+def _finite_or_minus_inf(bound: torch.Tensor) -> torch.Tensor:
+    """A NaN lower bound (overflow in the bound arithmetic) proves nothing: treat it as -inf."""
+    return torch.nan_to_num(bound, nan=-float("inf"), posinf=-float("inf"))
 
 
 def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, cfg: CertifyConfig, p: _Point):
@@ -269,7 +274,7 @@ def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel
     if p.left() <= 0:
         p.message = f"timeout after {p.stage}"
         return _record(p, "unknown", p.stage, cfg, threat.eps, pred)
-    rows = C[0][best <= 0]
+    rows = C[0][~(best > 0)]  # NaN-safe: a row is dropped only when it is proved
     status, stage, cex, extra = _complete(model, dense, x, int(y), threat, rows, cfg, p)
     return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **extra)
 
@@ -430,7 +435,8 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     todo = [i for i in range(n) if i % n_shard == i_shard and i not in done]
     net = eval_copy(model)
     dense = _dense_or_reason(net, tuple(images.shape[1:]), cfg) if todo else None
-    _run(net, images, labels, threat, cfg, out, todo, dense, progress)
+    with exact_fp32():
+        _run(net, images, labels, threat, cfg, out, todo, dense, progress)
     return summarize(read_records(out))
 
 
