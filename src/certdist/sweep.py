@@ -8,6 +8,7 @@ settings are an error) and interrupted ones resumed, so a sweep can be re-launch
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,14 @@ def sweep(configs: list[str | None], seeds: list[int], overrides: list[str], job
                 todo.append(s)
             done.append(d)
 
+        parallel = []
+        if jobs > 1:  # parallel processes share the cores: oversubscribed OpenMP threads slow down >10x
+            parallel = ["progress=false"]
+            if not any(o.startswith("num_threads=") for o in overrides):
+                parallel.append(f"num_threads={max(1, (os.cpu_count() or 1) // jobs)}")
+
         def one(seed: int) -> int:
-            cmd = _command(config, seed, overrides + (["progress=false"] if jobs > 1 else []))
+            cmd = _command(config, seed, overrides + parallel)
             print("[sweep] " + " ".join(cmd[2:]), flush=True)
             return subprocess.run(cmd).returncode
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
