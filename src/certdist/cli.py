@@ -171,6 +171,8 @@ def _print_results(rows: list[dict]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certdist", description="Certified training with distillation from "
                                 "empirically-robust teachers.")
+    from certdist import __version__
+    p.add_argument("--version", action="version", version=f"certdist {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config (+ key=value overrides)")
@@ -242,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("files", nargs="+")
     g.set_defaults(fn=_cmd_merge)
 
-    m = sub.add_parser("demo", help="fetch MNIST, train a standard and an IBP DM-small briefly, print the table")
+    m = sub.add_parser("demo", help="fetch MNIST, train a teacher and IBP, CC-IBP and CC-Dist students briefly, "
+                       "print the table, certify the students")
     m.add_argument("--out-dir", default="runs/demo")
     m.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     m.set_defaults(fn=_cmd_demo)
