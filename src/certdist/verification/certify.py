@@ -176,8 +176,10 @@ def _record(p: _Point, status: str, stage: str, cfg: CertifyConfig, eps: float, 
     return rec
 
 
-def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int) -> torch.Tensor | None:
+def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: "_Point | None" = None) -> torch.Tensor | None:
     for k, loss in enumerate(cfg.attack_losses):
+        if k > 0 and p is not None and p.left() <= 0:  # out of time: the bound stages decide
+            break
         g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + k)
         x_adv = pgd(model, x, y_t, threat, steps=cfg.attack_steps, restarts=cfg.restarts, loss=loss, generator=g)
         if validate_counterexample(model, x_adv, x, int(y_t), threat):
@@ -259,7 +261,7 @@ def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel
     if pred != int(y):
         return _record(p, "misclassified", "clean", cfg, threat.eps, pred)
     p.stage = "attack"
-    cex = _attack(model, x, y_t, threat, cfg, index)
+    cex = _attack(model, x, y_t, threat, cfg, index, p)
     if cex is not None:
         return _record(p, "falsified", "attack", cfg, threat.eps, pred, cex, model)
     p.stage = "ibp"
