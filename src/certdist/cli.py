@@ -34,9 +34,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ev = cfg.get("eval", {})
     res = evaluate(model, test.images, test.labels, ThreatModel(eps),
                    pgd_steps=args.pgd_steps if args.pgd_steps is not None else ev.get("pgd_steps", 40),
-                   pgd_restarts=args.pgd_restarts if args.pgd_restarts is not None else ev.get("pgd_restarts", 1))
+                   pgd_restarts=args.pgd_restarts if args.pgd_restarts is not None else ev.get("pgd_restarts", 1),
+                   attack_name=args.attack)
     res |= {"dataset": dataset, "arch": model.arch, "method": cfg.get("method"), "checkpoint": str(args.checkpoint)}
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_eps{eps:g}.json")
+    suffix = "" if args.attack == "pgd" else f"_{args.attack}"
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_eps{eps:g}{suffix}.json")
     if out.exists() and not args.overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite or --out")
     out.write_text(json.dumps(res, indent=2))
@@ -190,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int)
     e.add_argument("--pgd-steps", type=int)
     e.add_argument("--pgd-restarts", type=int)
+    e.add_argument("--attack", default="pgd", choices=["pgd", "apgd"],
+                   help="pgd (margin loss) or apgd (APGD-CE + APGD-DLR)")
     e.add_argument("--out")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=_cmd_evaluate)

@@ -64,6 +64,7 @@ class EvalConfig:
     pgd_steps: int = 40
     pgd_restarts: int = 1
     pgd_step_size: float = 0.035         # relative to eps, as in the expressive-losses code
+    attack: str = "pgd"                  # "pgd" or "apgd" (APGD-CE + APGD-DLR, AutoAttack's white-box pair)
     batch_size: int = 500
     limit: Optional[int] = None          # evaluate on the first N test points only
 
@@ -156,6 +157,8 @@ def validate(c: RunConfig) -> None:
     e = c.eval
     if e.batch_size < 1 or e.pgd_steps < 0 or e.pgd_restarts < 1 or not e.pgd_step_size > 0:
         bad("eval", "need batch_size >= 1, pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
+    if e.attack not in ("pgd", "apgd"):
+        bad("eval.attack", f"unknown attack {e.attack!r}; valid: pgd, apgd")
     if e.limit is not None and e.limit < 1:
         bad("eval.limit", f"must be >= 1 (or null for the whole test set), got {e.limit}")
     if not c.lr_decay > 0:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from certdist.attacks.apgd import apgd_ensemble
 from certdist.attacks.pgd import pgd
 from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
@@ -15,13 +16,17 @@ from certdist.threats import ThreatModel
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
              pgd_steps: int = 40, pgd_restarts: int = 1, pgd_step_size: float = 0.035, batch_size: int = 500,
-             device: str | torch.device = "cpu", progress: bool = True, attack: bool = True) -> dict:
+             device: str | torch.device = "cpu", progress: bool = True, attack: bool = True,
+             attack_name: str = "pgd") -> dict:
     """Accuracies (in %) of the eval-mode network; ``images`` uint8 [N,C,H,W] or float in [0, 1].
 
-    PGD uses the margin loss with a step of ``pgd_step_size * eps`` (relative, as the
-    expressive-losses code); a point counts as robust only if it is correctly classified, the
-    attack fails, and (for the certified count) the IBP margins are all positive.
+    ``attack_name="pgd"``: PGD with the margin loss and a step of ``pgd_step_size * eps`` (relative,
+    as the expressive-losses code); ``"apgd"``: APGD-CE then APGD-DLR (``pgd_steps`` iterations each).
+    A point counts as robust only if it is correctly classified and the attack fails; as certified
+    only if it is correctly classified and the IBP margins are all positive.
     """
+    if attack_name not in ("pgd", "apgd"):
+        raise ValueError(f"unknown attack {attack_name!r}; known: pgd, apgd")
     if images.dtype != torch.uint8 and images.numel() and (images.min() < threat.data_min or images.max() > threat.data_max):
         raise ValueError(f"images must be uint8 or floats in [{threat.data_min}, {threat.data_max}], got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
@@ -45,8 +50,11 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
             clean += int(ok.sum())
             cert += int(cert_ok.sum())
             if attack and threat.eps > 0:
-                xa = pgd(model, x, y, threat, steps=pgd_steps, restarts=pgd_restarts, step_size=pgd_step_size,
-                         relative_step=True, loss="margin")
+                if attack_name == "apgd":
+                    xa = apgd_ensemble(model, x, y, threat, steps=max(pgd_steps, 1), restarts=pgd_restarts)
+                else:
+                    xa = pgd(model, x, y, threat, steps=pgd_steps, restarts=pgd_restarts, step_size=pgd_step_size,
+                             relative_step=True, loss="margin")
                 with torch.inference_mode():
                     adv_ok = ok & (model(xa).argmax(1) == y)
                 adv += int(adv_ok.sum())
@@ -56,5 +64,5 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
     finally:
         model.train(was_training)
     return {"n": n, "eps": threat.eps, "clean_acc": 100.0 * clean / n, "pgd_acc": 100.0 * adv / n,
-            "ibp_cert_acc": 100.0 * cert / n, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
+            "ibp_cert_acc": 100.0 * cert / n, "attack": attack_name, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
             "time_s": round(time.time() - t0, 2)}

@@ -40,3 +40,43 @@ def test_pgd_finds_counterexample_on_linear_model():
     x = torch.full((1, 1, 2, 2), 0.5)  # z0 - z1 = 0.3 > 0; the worst corner gives 2 - 0.4 - 1.7 = -0.1... eps 0.1
     xa = pgd(net, x, torch.tensor([0]), ThreatModel(0.1), steps=5, step_size=0.05)
     assert torch.allclose(xa, torch.full_like(x, 0.4))
+
+
+def test_apgd_stays_in_box_restores_mode_and_beats_clean():
+    from certdist.attacks import apgd, apgd_ensemble
+    net = random_net("conv_bn", 5, bn_train=True)
+    x, y = torch.rand(16, 3, 6, 6), torch.randint(0, 4, (16,))
+    threat = ThreatModel(0.1)
+    for loss in ("ce", "dlr"):
+        xa = apgd(net, x, y, threat, steps=20, loss=loss)
+        assert threat.contains(xa, x).all() and (xa >= 0).all() and (xa <= 1).all()
+        assert net.training and all(p.requires_grad and p.grad is None for p in net.parameters())
+        net.eval()
+        with torch.no_grad():
+            assert (margin_loss(net(xa), y) >= margin_loss(net(x), y) - 1e-6).all()
+        net.train()
+    xe = apgd_ensemble(net.eval(), x, y, threat, steps=20)
+    assert threat.contains(xe, x).all()
+
+
+def test_apgd_finds_the_corner_of_a_linear_model():
+    from torch import nn
+    from certdist.attacks import apgd
+    from certdist.models import CertifiableNet, InputSpec, Normalize
+    spec = InputSpec(1, 2, 2, (0.0,), (1.0,))
+    net = CertifiableNet(nn.Sequential(Normalize((0.0,), (1.0,)), nn.Flatten()), nn.Linear(4, 2), "lin", spec).eval()
+    with torch.no_grad():
+        net.head.weight.copy_(torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 0]]))
+        net.head.bias.copy_(torch.tensor([-1.7, 0.0]))
+    x = torch.full((1, 1, 2, 2), 0.5)
+    xa = apgd(net, x, torch.tensor([0]), ThreatModel(0.1), steps=10)
+    assert torch.allclose(xa, torch.full_like(x, 0.4))
+
+
+def test_evaluate_with_apgd_is_at_most_pgd_and_at_least_certified():
+    from certdist.evaluation import evaluate
+    net = random_net("mlp", 6).eval()
+    x, y = torch.rand(64, 1, 3, 3), torch.randint(0, 4, (64,))
+    threat = ThreatModel(0.05)
+    a = evaluate(net, x, y, threat, pgd_steps=30, progress=False, attack_name="apgd")
+    assert a["ibp_cert_acc"] <= a["pgd_acc"] <= a["clean_acc"] and a["attack"] == "apgd"

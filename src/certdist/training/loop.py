@@ -196,7 +196,6 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         model.train()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        count = 0
         t0 = time.time()
         bar = tqdm(_batch_iter(train_data, cfg, epoch, augment, device, dd), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or not dd.is_main, leave=False)
@@ -214,7 +213,6 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            count += 1
             for k, v in stats.items():  # a stat is averaged over the steps that report it
                 if math.isfinite(v):
                     sums[k] = sums.get(k, 0.0) + v
@@ -236,7 +234,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     lim = cfg.eval.limit
     results = evaluate(model, test_data.images[:lim], test_data.labels[:lim], test_threat, cfg.eval.pgd_steps,
                        cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
-                       progress=cfg.progress)
+                       progress=cfg.progress, attack_name=cfg.eval.attack)
     results |= {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "method": cfg.method,
                 "teacher": cfg.distill.teacher, "seed": cfg.seed, "config": to_dict(cfg), "versions": ckpt.versions(),
                 "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
