@@ -118,6 +118,9 @@ def test_cli_train_evaluate_and_errors(tmp_path, capsys):
     assert "| synthetic | mlp | ibp |" in out
     assert main(["evaluate", "--checkpoint", str(tmp_path / "cli" / "seed0" / "last.pt"), "--limit", "100"]) == 0
     assert (tmp_path / "cli" / "seed0" / "eval_eps0.1.json").exists()
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "cli" / "seed0" / "last.pt"), "--limit", "50",
+                 "--attack", "apgd", "--pgd-steps", "10"]) == 0
+    assert json.loads((tmp_path / "cli" / "seed0" / "eval_eps0.1_apgd.json").read_text())["attack"] == "apgd"
     assert main(["train", *BASE, f"out_dir={tmp_path}", "bogus=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
     assert main(["train", *BASE, f"out_dir={tmp_path}", "eps=-1"]) == 2
