@@ -96,7 +96,8 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
         return _finish(cfg, model, loss, stats)
 
     if method == "pgd-at":
-        x_adv = attack_point(cfg, model, x, y, eps) if eps > 0 else x
+        with frozen_bn_stats(model):  # the attack's iterates leave no trace in the running statistics
+            x_adv = attack_point(cfg, model, x, y, eps) if eps > 0 else x
         logits = model(x_adv)
         stats["adv_acc"] = (logits.argmax(1) == y).float().mean().item()
         return _finish(cfg, model, L.standard_loss(logits, y), stats)
