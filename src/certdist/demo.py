@@ -1,6 +1,6 @@
 """The end-to-end demo: fetch MNIST, train a standard teacher, an IBP student, a CC-IBP student and a
 CC-Dist student (DM-small, eps 0.1), print the accuracy table, then certify the first test points of
-the students with the full verification pipeline. About 5 minutes on 2 CPU cores."""
+the students with the full verification pipeline. About 6 minutes on 2 CPU cores."""
 from __future__ import annotations
 
 import time
