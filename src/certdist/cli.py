@@ -21,16 +21,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _load_checkpoint_and_test(args: argparse.Namespace, limit: int | None = None):
+    """The checkpoint's eval-mode model, its saved config, the dataset name and eps (from the
+    arguments, else the config) and the test split, checked to fit the model."""
     from certdist import data as D
-    from certdist.evaluation import evaluate
-    from certdist.threats import ThreatModel
     from certdist.training.checkpoint import model_from_checkpoint
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
     dataset, eps = _dataset_and_eps(args, cfg)
     _check_fits(model, dataset)
-    test = D.load(dataset, "test", data_dir=args.data_dir, limit=args.limit)
+    return model, cfg, dataset, eps, D.load(dataset, "test", data_dir=args.data_dir, limit=limit)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from certdist.evaluation import evaluate
+    from certdist.threats import ThreatModel
+    model, cfg, dataset, eps, test = _load_checkpoint_and_test(args, limit=args.limit)
     ev = cfg.get("eval", {})
     res = evaluate(model, test.images, test.labels, ThreatModel(eps),
                    pgd_steps=args.pgd_steps if args.pgd_steps is not None else ev.get("pgd_steps", 40),
@@ -90,15 +96,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
-    from certdist import data as D
     from certdist.threats import ThreatModel
-    from certdist.training.checkpoint import model_from_checkpoint
     from certdist.verification.certify import certify_dataset, format_summary
-    model, payload = model_from_checkpoint(args.checkpoint)
-    cfg = payload.get("config", {})
-    dataset, eps = _dataset_and_eps(args, cfg)
-    _check_fits(model, dataset)
-    test = D.load(dataset, "test", data_dir=args.data_dir)
+    model, _, _, eps, test = _load_checkpoint_and_test(args)
     shard = _parse_shard(args.shard)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name(
         f"certify_eps{eps:g}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "") + ".jsonl")
@@ -120,19 +120,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from certdist import data as D
-    from certdist.training.checkpoint import model_from_checkpoint
     from certdist.verification.export import export_benchmark
-    model, payload = model_from_checkpoint(args.checkpoint)
-    cfg = payload.get("config", {})
-    dataset = args.dataset or cfg.get("data", {}).get("dataset")
-    if dataset is None:
-        raise SystemExit("error: the checkpoint names no dataset; pass --dataset")
-    if args.eps < 0:
-        raise SystemExit(f"error: --eps must be >= 0, got {args.eps}")
-    _check_fits(model, dataset)
-    test = D.load(dataset, "test", data_dir=args.data_dir)
-    path = export_benchmark(model, test.images.float() / 255, test.labels, args.eps, args.out, limit=args.limit)
+    model, _, _, eps, test = _load_checkpoint_and_test(args)  # --eps is required here
+    path = export_benchmark(model, test.images.float() / 255, test.labels, eps, args.out, limit=args.limit)
     print(f"exported to {path}")
     return 0
 
