@@ -251,6 +251,16 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
 
 
+# settings that do not change what a run computes
+RUNTIME_KEYS = frozenset({"progress", "device", "num_threads", "logger"})
+
+
+def differing_keys(saved: dict, now: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Top-level keys whose values differ between two config dicts, runtime settings and ``ignore`` aside."""
+    skip = RUNTIME_KEYS | ignore
+    return sorted(k for k in set(saved) | set(now) if k not in skip and saved.get(k) != now.get(k))
+
+
 def to_dict(cfg: Any) -> dict:
     def conv(v):
         if dataclasses.is_dataclass(v):

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from certdist.config import RUNTIME_KEYS
+
 METRICS = ("clean_acc", "pgd_acc", "ibp_cert_acc", "train_time_s")
 
 
@@ -29,7 +31,7 @@ def _group_key(r: dict) -> tuple:
 
 def _settings(r: dict) -> str:
     """The run's settings without seed and runtime keys, to detect groups that mix settings."""
-    skip = {"seed", "progress", "device", "num_threads", "logger"}
+    skip = RUNTIME_KEYS | {"seed"}
     return json.dumps({k: v for k, v in r.get("config", {}).items() if k not in skip}, sort_keys=True)
 
 

@@ -14,8 +14,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from certdist.config import load_config, to_dict
-from certdist.training.loop import RUNTIME_KEYS, TrainingError, run_dir_for
+from certdist.config import differing_keys, load_config, to_dict
+from certdist.training.loop import RESUME_IGNORES, TrainingError, run_dir_for
 
 
 def run_dir(config: str | None, seed: int, overrides: list[str]) -> Path:
@@ -35,7 +35,7 @@ def _check_same(d: Path, config: str | None, seed: int, overrides: list[str]) ->
     """A finished run is only reused for the very same settings."""
     saved = json.loads((d / "results.json").read_text()).get("config", {})
     now = to_dict(load_config(config, overrides + [f"seed={seed}"]))
-    diff = sorted(k for k in set(saved) | set(now) if k not in RUNTIME_KEYS and saved.get(k) != now.get(k))
+    diff = differing_keys(saved, now, RESUME_IGNORES)
     if diff:
         raise TrainingError(f"{d} holds a finished run with other settings (keys differ: {diff}); "
                             "change name=... or remove the folder")

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certdist import data as D
-from certdist.config import RunConfig, dump_yaml, to_dict
+from certdist.config import RunConfig, differing_keys, dump_yaml, to_dict
 from certdist.evaluation import evaluate
 from certdist.models import CertifiableNet, InputSpec, build_model
 from certdist.propagation.ibp import exact_fp32, ibp
@@ -31,8 +31,8 @@ from certdist.training.objective import StepContext, Teacher, compute_loss
 from certdist.training.schedules import linear_decay, lr_at, smooth_eps
 
 
-# settings that do not change the result: a run may be resumed with other values
-RUNTIME_KEYS = {"progress", "device", "num_threads", "logger", "eval"}
+# a run may be resumed (or reused by a sweep) with other runtime and evaluation settings
+RESUME_IGNORES = frozenset({"eval"})
 
 
 class TrainingError(RuntimeError):
@@ -171,7 +171,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         if payload.get("finished"):
             raise TrainingError(f"{run_dir} is finished; nothing to resume (results in {run_dir / 'results.json'})")
         saved, now = payload["config"], to_dict(cfg)
-        diff = sorted(k for k in set(saved) | set(now) if k not in RUNTIME_KEYS and saved.get(k) != now.get(k))
+        diff = differing_keys(saved, now, RESUME_IGNORES)
         if diff:
             raise TrainingError(f"--resume with a different config than the checkpoint's (keys differ: {diff})")
         ckpt.load_weights(model, payload["model"], source=str(last))
