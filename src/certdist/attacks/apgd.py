@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certdist.attacks.pgd import _eval_mode, margin_loss
+from certdist.attacks.pgd import attack_mode, keep_worst, margin_loss, uniform_in_box
 from certdist.threats import ThreatModel
 
 
@@ -47,44 +47,39 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel
     box = threat.box(x)
     view = (-1,) + (1,) * (x.dim() - 1)
     x = x.detach()
-    with _eval_mode(model, False), torch.no_grad():
-        best = x.clone()
-        best_margin = margin_loss(model(x), y)
     marks = _checkpoints(steps)
-    for _ in range(restarts):
-        u = torch.rand(x.shape, generator=generator, dtype=x.dtype) if generator is not None else torch.rand_like(x)
-        cur = (box.lower + u.to(x.device) * (box.upper - box.lower)).detach()
-        eta = torch.full((x.shape[0],), 2 * threat.eps, device=x.device, dtype=x.dtype)
-        with _eval_mode(model, False):
+    with attack_mode(model):
+        with torch.no_grad():
+            best, best_margin = x.clone(), margin_loss(model(x), y)
+        for _ in range(restarts):
+            cur = uniform_in_box(x, box, generator)
+            eta = torch.full((x.shape[0],), 2 * threat.eps, device=x.device, dtype=x.dtype)
             f_cur, grad, logits = _loss_and_grad(model, cur, y, loss_fn)
-        best_margin, best = _keep_worst(margin_loss(logits, y), cur, best_margin, best, view)
-        f_max, x_max = f_cur.clone(), cur.clone()
-        prev = cur.clone()
-        successes = torch.zeros_like(eta)
-        last_mark, f_max_at_mark, eta_at_mark = 0, f_max.clone(), eta.clone()
-        for k in range(steps):
-            z = _project(cur + eta.view(view) * grad.sign(), box)
-            a = 1.0 if k == 0 else momentum
-            nxt = _project(cur + a * (z - cur) + (1 - a) * (cur - prev), box)
-            with _eval_mode(model, False):
+            best_margin, best = keep_worst(margin_loss(logits, y), cur, best_margin, best)
+            f_max, x_max = f_cur.clone(), cur.clone()
+            prev = cur.clone()
+            successes = torch.zeros_like(eta)
+            last_mark, f_max_at_mark, eta_at_mark = 0, f_max.clone(), eta.clone()
+            for k in range(steps):
+                z = _project(cur + eta.view(view) * grad.sign(), box)
+                a = 1.0 if k == 0 else momentum
+                nxt = _project(cur + a * (z - cur) + (1 - a) * (cur - prev), box)
                 f_nxt, g_nxt, logits = _loss_and_grad(model, nxt, y, loss_fn)
-            best_margin, best = _keep_worst(margin_loss(logits, y), nxt, best_margin, best, view)
-            successes += (f_nxt > f_cur).to(eta.dtype)
-            improved = f_nxt > f_max
-            f_max = torch.where(improved, f_nxt, f_max)
-            x_max = torch.where(improved.view(view), nxt, x_max)
-            prev, cur, f_cur, grad = cur, nxt, f_nxt, g_nxt
-            if k + 1 in marks and k + 1 > last_mark:
-                span = k + 1 - last_mark
-                halve = (successes < rho * span) | ((eta == eta_at_mark) & (f_max == f_max_at_mark))
-                eta = torch.where(halve, eta / 2, eta)
-                # restart the halved samples from their best point
-                cur = torch.where(halve.view(view), x_max, cur)
-                if bool(halve.any()):
-                    with _eval_mode(model, False):
+                best_margin, best = keep_worst(margin_loss(logits, y), nxt, best_margin, best)
+                successes += (f_nxt > f_cur).to(eta.dtype)
+                improved = f_nxt > f_max
+                f_max = torch.where(improved, f_nxt, f_max)
+                x_max = torch.where(improved.view(view), nxt, x_max)
+                prev, cur, f_cur, grad = cur, nxt, f_nxt, g_nxt
+                if k + 1 in marks and k + 1 > last_mark:
+                    span = k + 1 - last_mark
+                    halve = (successes < rho * span) | ((eta == eta_at_mark) & (f_max == f_max_at_mark))
+                    eta = torch.where(halve, eta / 2, eta)
+                    cur = torch.where(halve.view(view), x_max, cur)  # halved samples restart from their best
+                    if bool(halve.any()):
                         f_cur, grad, _ = _loss_and_grad(model, cur, y, loss_fn)
-                successes.zero_()
-                last_mark, f_max_at_mark, eta_at_mark = k + 1, f_max.clone(), eta.clone()
+                    successes.zero_()
+                    last_mark, f_max_at_mark, eta_at_mark = k + 1, f_max.clone(), eta.clone()
     return best.detach()
 
 
@@ -92,7 +87,7 @@ def apgd_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Th
                   restarts: int = 1) -> torch.Tensor:
     """APGD-CE, then APGD-DLR on the points APGD-CE did not break; the worst point per sample."""
     x_adv = apgd(model, x, y, threat, steps=steps, loss="ce", restarts=restarts)
-    with _eval_mode(model, False), torch.no_grad():
+    with attack_mode(model), torch.no_grad():
         robust = model(x_adv).argmax(1) == y
     if robust.any():
         idx = robust.nonzero().squeeze(1)
@@ -105,21 +100,9 @@ def _project(z: torch.Tensor, box) -> torch.Tensor:
 
 
 def _loss_and_grad(model, z, y, loss_fn):
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            logits = model(z)
-            per = loss_fn(logits, y)
-            grad, = torch.autograd.grad(per.sum(), z)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    """Per-sample loss, its input gradient and the logits (inside :func:`attack_mode`)."""
+    z = z.detach().requires_grad_(True)
+    logits = model(z)
+    per = loss_fn(logits, y)
+    grad, = torch.autograd.grad(per.sum(), z)
     return per.detach(), grad.detach(), logits.detach()
-
-
-def _keep_worst(score, z, best_score, best, view):
-    better = score > best_score
-    return torch.where(better, score, best_score), torch.where(better.view(view), z.detach(), best)

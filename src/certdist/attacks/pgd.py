@@ -1,6 +1,9 @@
 """PGD (Madry et al. 2018) under the l_inf threat model, with random start and restarts."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,19 +25,37 @@ LOSSES = {
 }
 
 
-class _eval_mode:
-    """Put the model in eval mode (or keep train mode) and restore each module's mode afterwards."""
-
-    def __init__(self, model: nn.Module, train: bool) -> None:
-        self.model, self.train = model, train
-        self.modes = [(m, m.training) for m in model.modules()]
-
-    def __enter__(self):
-        self.model.train(self.train)
-
-    def __exit__(self, *exc):
-        for m, mode in self.modes:
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, train: bool = False) -> Iterator[None]:
+    """Inside: the model in eval mode (train mode with ``train``), gradients enabled for inputs but
+    not accumulated into parameters. Each module's mode and ``requires_grad`` are restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    model.train(train)
+    for p, _ in params:
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, mode in modes:
             m.training = mode
+        for p, req in params:
+            p.requires_grad_(req)
+
+
+def uniform_in_box(x: torch.Tensor, box, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform point of the box around ``x``."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
+        else torch.rand_like(x)
+    return (box.lower + u * (box.upper - box.lower)).detach()
+
+
+def keep_worst(score: torch.Tensor, z: torch.Tensor, best_score: torch.Tensor, best: torch.Tensor):
+    """Per sample, keep ``z`` where its ``score`` beats ``best_score``."""
+    better = score > best_score
+    view = (-1,) + (1,) * (z.dim() - 1)
+    return torch.where(better, score, best_score), torch.where(better.view(view), z.detach(), best)
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int = 40,
@@ -64,38 +85,22 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
     loss_fn = LOSSES[loss]
     x = x.detach()
     best = x.clone()
-    with _eval_mode(model, train_mode), torch.enable_grad():
-        params = [p for p in model.parameters()]
-        req = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            if include_clean:
-                with torch.no_grad():
-                    best_score = margin_loss(model(x), y)
-            else:
-                best_score = torch.full(y.shape, -float("inf"), device=x.device)
-            for _ in range(restarts):
-                if random_start and e > 0:
-                    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
-                        else torch.rand_like(x)
-                    xa = box.lower + u * (box.upper - box.lower)
-                else:
-                    xa = x.clone()
-                for step in range(steps + 1):
-                    xa.requires_grad_(True)
-                    logits = model(xa)
-                    score = margin_loss(logits.detach(), y)
-                    better = score > best_score
-                    best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), xa.detach(), best)
-                    best_score = torch.where(better, score, best_score)
-                    if step == steps:
-                        break
-                    grad, = torch.autograd.grad(loss_fn(logits, y).sum(), xa)
-                    xa = torch.max(torch.min(xa.detach() + alpha * grad.sign(), box.upper), box.lower)
-        finally:
-            for p, r in zip(params, req):
-                p.requires_grad_(r)
+    with attack_mode(model, train_mode):
+        if include_clean:
+            with torch.no_grad():
+                best_score = margin_loss(model(x), y)
+        else:
+            best_score = torch.full(y.shape, -float("inf"), device=x.device)
+        for _ in range(restarts):
+            xa = uniform_in_box(x, box, generator) if random_start and e > 0 else x.clone()
+            for step in range(steps + 1):
+                xa.requires_grad_(True)
+                logits = model(xa)
+                best_score, best = keep_worst(margin_loss(logits.detach(), y), xa, best_score, best)
+                if step == steps:
+                    break
+                grad, = torch.autograd.grad(loss_fn(logits, y).sum(), xa)
+                xa = torch.max(torch.min(xa.detach() + alpha * grad.sign(), box.upper), box.lower)
     return best.detach()
 
 
