@@ -52,30 +52,31 @@ def random_net(kind: str, seed: int, bn_train: bool = False) -> CertifiableNet:
     return net
 
 
+def self_labelled_points(net: CertifiableNet, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` uniform inputs of the net's shape, labelled with the net's own predictions."""
+    spec = net.input_spec
+    x = torch.rand(n, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return x, net(x).argmax(1)
+
+
 def frozen_batch_stats_copy(net: nn.Module, ref: torch.Tensor) -> nn.Module:
     """An eval-mode copy whose BatchNorm running statistics are the (biased) batch statistics of
     ``ref``: an implementation-independent oracle for train-mode BatchNorm bounds."""
     twin = copy.deepcopy(net)
     bns = [m for m in twin.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.momentum = 1.0
-    twin.train()
-    with torch.no_grad():
-        twin(ref)
-    # torch stores the unbiased variance; the forward pass normalised with the biased one.
-    counts = []
+    counts = []  # values per channel seen by each BatchNorm
     hooks = [m.register_forward_hook(lambda mod, i, o: counts.append(i[0].numel() // i[0].shape[1])) for m in bns]
+    for m in bns:
+        m.momentum = 1.0  # running statistics := this batch's statistics
     twin.train()
     with torch.no_grad():
-        for m in bns:
-            m.momentum = 0.0  # do not change the stats this time
         twin(ref)
     for h in hooks:
         h.remove()
-    for m, n in zip(bns, counts):
+    for m, n in zip(bns, counts):  # torch stores the unbiased variance; the pass normalised with the biased one
         m.running_var.mul_((n - 1) / n)
-    twin.eval()
-    return twin
+    return twin.eval()
 
 
 def sample_box(lower: torch.Tensor, upper: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

@@ -39,24 +39,23 @@ def test_ibp_training_certifies(tmp_path):
     assert res["ibp_cert_acc"] > 50, res
 
 
-def test_resume_continues_exactly(tmp_path):
-    full = train(cfg(tmp_path / "a", "method=cc-ibp", "name=r"))
-    c = cfg(tmp_path / "b", "method=cc-ibp", "name=r")
-    # the same run, killed right after its first checkpoint, then resumed
-    orig_save = loop._save
-    calls = []
+def kill_after_first_checkpoint(c, monkeypatch):
+    """Train ``c`` and interrupt it right after its first checkpoint is written."""
+    real_save = loop._save
 
-    def crash_after_first(*a, **k):
-        orig_save(*a, **k)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-    loop._save = crash_after_first
-    try:
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_save", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             train(c)
-    finally:
-        loop._save = orig_save
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    full = train(cfg(tmp_path / "a", "method=cc-ibp", "name=r"))
+    c = cfg(tmp_path / "b", "method=cc-ibp", "name=r")
+    kill_after_first_checkpoint(c, monkeypatch)  # the same run, killed, then resumed
     resumed = train(c, resume=True)
     assert [r.split(",")[0] for r in (resumed / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
     a = ckpt.load_checkpoint(full / "last.pt")["model"]
@@ -141,19 +140,8 @@ def test_table_sweep_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
-def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path):
-    c = cfg(tmp_path, "method=ibp", "epochs=2")
-    orig_save = loop._save
-
-    def crash(*a, **k):
-        orig_save(*a, **k)
-        raise KeyboardInterrupt
-    loop._save = crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(c)
-    finally:
-        loop._save = orig_save
+def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path, monkeypatch):
+    kill_after_first_checkpoint(cfg(tmp_path, "method=ibp", "epochs=2"), monkeypatch)
     with pytest.raises(TrainingError, match=r"keys differ: \['lr'\]"):
         train(cfg(tmp_path, "method=ibp", "epochs=2", "lr=0.01"), resume=True)
     train(cfg(tmp_path, "method=ibp", "epochs=2", "progress=true", "num_threads=1"), resume=True)

@@ -13,7 +13,7 @@ from certdist.models import CertifiableNet, InputSpec, Normalize
 from certdist.threats import ThreatModel
 from certdist.verification import (certify_dataset, format_summary, merge, read_records, summarize,
                                    validate_counterexample)
-from conftest import random_net
+from conftest import random_net, self_labelled_points
 
 FAST = dict(timeout=10.0, attack_steps=10, restarts=2, progress=False, alpha_iterations=5, bab_alpha_steps=5)
 
@@ -148,10 +148,7 @@ def test_shards_merge_into_the_unsharded_summary(net_data, tmp_path):
 
 def test_timeout_and_disabled_complete_give_unknown(tmp_path):
     net = random_net("conv", 0).eval()
-    spec = net.input_spec
-    X = torch.rand(4, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        Y = net(X).argmax(1)
+    X, Y = self_labelled_points(net, 4)
     s = certify_dataset(net, X, Y, ThreatModel(0.02), tmp_path / "r.jsonl", complete="none",
                         **dict(FAST, attack_steps=2, restarts=1))
     assert s["counts"]["misclassified"] == 0

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from certdist.attacks import margin_loss, pgd
@@ -28,8 +29,9 @@ def test_pgd_never_worse_than_clean_point():
         assert (net(xa).argmax(1) != y).sum() >= (net(x).argmax(1) != y).sum()
 
 
-def test_pgd_finds_counterexample_on_linear_model():
-    """On a linear model the optimum is a box corner: PGD with a large step must reach it."""
+def sum_of_pixels_net():
+    """z0 = sum(x) - 1.7, z1 = 0: at x = 0.5 the margin is 0.3, and on the eps-0.1 box the only
+    counterexamples are near the corner x = 0.4 (margin -0.1), the linear optimum."""
     from torch import nn
     from certdist.models import CertifiableNet, InputSpec, Normalize
     spec = InputSpec(1, 2, 2, (0.0,), (1.0,))
@@ -37,8 +39,18 @@ def test_pgd_finds_counterexample_on_linear_model():
     with torch.no_grad():
         net.head.weight.copy_(torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 0]]))
         net.head.bias.copy_(torch.tensor([-1.7, 0.0]))
-    x = torch.full((1, 1, 2, 2), 0.5)  # z0 - z1 = 0.3 > 0; the worst corner gives 2 - 0.4 - 1.7 = -0.1... eps 0.1
-    xa = pgd(net, x, torch.tensor([0]), ThreatModel(0.1), steps=5, step_size=0.05)
+    return net
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd"])
+def test_attack_finds_the_corner_of_a_linear_model(attack):
+    """On a linear model the optimum is a box corner: the attack must reach it."""
+    from certdist.attacks import apgd
+    net, x, y = sum_of_pixels_net(), torch.full((1, 1, 2, 2), 0.5), torch.tensor([0])
+    if attack == "pgd":
+        xa = pgd(net, x, y, ThreatModel(0.1), steps=5, step_size=0.05)
+    else:
+        xa = apgd(net, x, y, ThreatModel(0.1), steps=10)
     assert torch.allclose(xa, torch.full_like(x, 0.4))
 
 
@@ -57,20 +69,6 @@ def test_apgd_stays_in_box_restores_mode_and_beats_clean():
         net.train()
     xe = apgd_ensemble(net.eval(), x, y, threat, steps=20)
     assert threat.contains(xe, x).all()
-
-
-def test_apgd_finds_the_corner_of_a_linear_model():
-    from torch import nn
-    from certdist.attacks import apgd
-    from certdist.models import CertifiableNet, InputSpec, Normalize
-    spec = InputSpec(1, 2, 2, (0.0,), (1.0,))
-    net = CertifiableNet(nn.Sequential(Normalize((0.0,), (1.0,)), nn.Flatten()), nn.Linear(4, 2), "lin", spec).eval()
-    with torch.no_grad():
-        net.head.weight.copy_(torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 0]]))
-        net.head.bias.copy_(torch.tensor([-1.7, 0.0]))
-    x = torch.full((1, 1, 2, 2), 0.5)
-    xa = apgd(net, x, torch.tensor([0]), ThreatModel(0.1), steps=10)
-    assert torch.allclose(xa, torch.full_like(x, 0.4))
 
 
 def test_evaluate_with_apgd_is_at_most_pgd_and_at_least_certified():

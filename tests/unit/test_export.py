@@ -11,7 +11,7 @@ import torch
 
 from certdist.verification.export import (VnnlibProperty, export_benchmark, export_onnx, export_vnnlib,
                                           parse_vnnlib, run_onnx)
-from conftest import random_net
+from conftest import random_net, self_labelled_points
 
 
 @pytest.mark.parametrize("kind,bn_train", [("mlp", False), ("conv", False), ("conv_bn", True)])
@@ -86,9 +86,7 @@ def test_parse_vnncomp_style_example():
 def test_export_benchmark_layout(tmp_path):
     net = random_net("mlp", 1).eval()
     spec = net.input_spec
-    X = torch.rand(5, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        Y = net(X).argmax(1)
+    X, Y = self_labelled_points(net, 5)
     Y[0] = (Y[0] + 1) % spec.num_classes  # one misclassified point, skipped
     csv_path = export_benchmark(net, X, Y, 0.05, tmp_path, limit=4, timeout=60)
     rows = list(csv.reader(csv_path.open()))
