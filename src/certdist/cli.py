@@ -160,6 +160,17 @@ def _print_results(rows: list[dict]) -> None:
     print(format_table(rows, group=False))
 
 
+def _checkpoint_parser(sub, name: str, help_: str, eps_required: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that works on a checkpoint and its dataset's test split."""
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--eps", type=float, required=eps_required,
+                   help=None if eps_required else "default: the checkpoint's test eps")
+    p.add_argument("--dataset", help="default: the checkpoint's dataset")
+    p.add_argument("--data-dir")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="certdist", description="Certified training with distillation from "
                                 "empirically-robust teachers.")
@@ -174,11 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     t.set_defaults(fn=_cmd_train)
 
-    e = sub.add_parser("evaluate", help="clean, PGD and IBP-certified accuracy of a checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--eps", type=float)
-    e.add_argument("--dataset")
-    e.add_argument("--data-dir")
+    e = _checkpoint_parser(sub, "evaluate", "clean, PGD and IBP-certified accuracy of a checkpoint")
     e.add_argument("--limit", type=int)
     e.add_argument("--pgd-steps", type=int)
     e.add_argument("--pgd-restarts", type=int)
@@ -195,11 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data-dir")
     f.set_defaults(fn=_cmd_data)
 
-    c = sub.add_parser("certify", help="attack -> IBP -> CROWN -> alpha-CROWN -> BaB/MILP per test point")
-    c.add_argument("--checkpoint", required=True)
-    c.add_argument("--eps", type=float)
-    c.add_argument("--dataset")
-    c.add_argument("--data-dir")
+    c = _checkpoint_parser(sub, "certify", "attack -> IBP -> CROWN -> alpha-CROWN -> BaB/MILP per test point")
     c.add_argument("--timeout", type=float, default=10.0, help="seconds per point")
     c.add_argument("--limit", type=int)
     c.add_argument("--shard", help="i/n: this worker's share of the points")
@@ -209,12 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="JSON-lines output (resumed if it exists)")
     c.set_defaults(fn=_cmd_certify)
 
-    x = sub.add_parser("export", help="ONNX model + one VNN-LIB property per test point")
-    x.add_argument("--checkpoint", required=True)
-    x.add_argument("--eps", type=float, required=True)
+    x = _checkpoint_parser(sub, "export", "ONNX model + one VNN-LIB property per test point", eps_required=True)
     x.add_argument("--out", required=True)
-    x.add_argument("--dataset")
-    x.add_argument("--data-dir")
     x.add_argument("--limit", type=int, default=100)
     x.set_defaults(fn=_cmd_export)
 
