@@ -161,12 +161,8 @@ def _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, te
     target = teacher.targets(t_in, idx if d.teacher_input == "clean" else None, d.level)
     if d.level == "features":
         point, box = feats_adv, feat_box
-        if teacher.projection is not None:
-            P = teacher.projection
-            point = P(point)
-            c = P(box.center)
-            r = box.radius @ P.weight.abs().T
-            box = Interval(c - r, c + r)
+        if teacher.projection is not None:  # a linear layer: IBP's own rule carries the box
+            point, box = teacher.projection(point), linear_interval(teacher.projection, box)
     else:
         point, box = logits_adv, linear_interval(model.head, feat_box)
     loss = distillation_loss(point, box, target, alpha)
