@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -144,7 +145,9 @@ def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path, monk
     kill_after_first_checkpoint(cfg(tmp_path, "method=ibp", "epochs=2"), monkeypatch)
     with pytest.raises(TrainingError, match=r"keys differ: \['lr'\]"):
         train(cfg(tmp_path, "method=ibp", "epochs=2", "lr=0.01"), resume=True)
-    train(cfg(tmp_path, "method=ibp", "epochs=2", "progress=true", "num_threads=1"), resume=True)
+    run = train(cfg(tmp_path, "method=ibp", "epochs=2", "progress=true", "num_threads=1", "eval.limit=50"),
+                resume=True)
+    assert json.loads((run / "results.json").read_text())["n"] == 50  # eval settings may change on resume
 
 
 def test_sweep_refuses_to_reuse_a_run_with_other_settings(tmp_path):
@@ -152,3 +155,10 @@ def test_sweep_refuses_to_reuse_a_run_with_other_settings(tmp_path):
     sweep([None], [0], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1"])
     with pytest.raises(TrainingError, match=r"other settings \(keys differ: \['epochs'\]\)"):
         sweep([None], [0], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=2"])
+
+
+def test_parallel_sweep_splits_the_cores(tmp_path):
+    from certdist.sweep import sweep
+    dirs = sweep([None], [0, 1], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=par", "epochs=1"], jobs=2)
+    want = max(1, (os.cpu_count() or 1) // 2)
+    assert [json.loads((d / "results.json").read_text())["config"]["num_threads"] for d in dirs] == [want, want]
