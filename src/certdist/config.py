@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import yaml
 
+from certdist.threats import check_eps_in_range, parse_eps
+
 METHODS = ("standard", "pgd-at", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
 
 
@@ -117,10 +119,18 @@ class RunConfig:
 def validate(c: RunConfig) -> None:
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
+    if c.method == "cc-dist":
+        bad("method", "CC-Dist is CC-IBP with a frozen teacher: use method=cc-ibp distill.teacher=<teacher "
+                      "checkpoint, e.g. runs/.../last.pt of a pgd-at run> (see configs/small/mnist_cc-dist.yaml)")
     if c.method not in METHODS:
         bad("method", f"unknown method {c.method!r}; valid: {', '.join(METHODS)}")
     if not c.eps >= 0:
         bad("eps", f"must be >= 0, got {c.eps}")
+    for k, v in (("eps", c.eps), ("eps * train_eps_mul", c.train_eps)):
+        try:
+            check_eps_in_range(v)  # every dataset here has images in [0, 1]
+        except ValueError as e:
+            bad(k, str(e))
     if not c.train_eps_mul > 0:
         bad("train_eps_mul", f"must be > 0, got {c.train_eps_mul}")
     for k in ("epochs", "batch_size"):
@@ -213,9 +223,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(value)
     if base is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string; "8/255": the field's eps notation
             try:
-                value = float(value)
+                value = parse_eps(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -1,4 +1,9 @@
-"""Evaluation on a test set: clean accuracy, PGD accuracy and IBP-certified accuracy."""
+"""Evaluation on a test set: clean accuracy, accuracy under attack and IBP-certified accuracy.
+
+Attacks (``attack_name``): ``"pgd"`` (own PGD, margin loss), ``"apgd"`` (own APGD-CE + APGD-DLR) and
+``"autoattack"`` (the standard AutoAttack from the optional ``torchattacks`` package,
+:mod:`certdist.attacks.autoattack`). Results name the attack that ran (``attack``, ``attack_desc``).
+"""
 from __future__ import annotations
 
 import time
@@ -9,9 +14,24 @@ from tqdm.auto import tqdm
 
 from certdist.attacks.apgd import apgd_ensemble
 from certdist.attacks.pgd import pgd
+from certdist.models.cnn import as_certifiable
 from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
+
+
+ATTACKS = ("pgd", "apgd", "autoattack")
+ATTACK_LABELS = {"pgd": "PGD", "apgd": "APGD", "autoattack": "AutoAttack"}
+
+
+def attack_description(attack_name: str, steps: int, restarts: int, step_size: float) -> str:
+    """A one-line description of the attack that ``evaluate`` runs with these settings."""
+    if attack_name == "pgd":
+        return f"PGD margin loss, {steps} steps, {restarts} restart(s), step {step_size:g} x eps"
+    if attack_name == "apgd":
+        return f"APGD-CE + APGD-DLR, {max(steps, 1)} steps each, {restarts} restart(s)"
+    from certdist.attacks.autoattack import autoattack_description
+    return autoattack_description()
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
@@ -20,21 +40,27 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
              attack_name: str = "pgd") -> dict:
     """Accuracies (in %) of the eval-mode network; ``images`` uint8 [N,C,H,W] or float in [0, 1].
 
+    ``model``: a :class:`~certdist.models.CertifiableNet` or an ``nn.Sequential`` ending in an ``nn.Linear``.
     ``attack_name="pgd"``: PGD with the margin loss and a step of ``pgd_step_size * eps`` (relative,
-    as the expressive-losses code); ``"apgd"``: APGD-CE then APGD-DLR (``pgd_steps`` iterations each).
+    as the expressive-losses code); ``"apgd"``: APGD-CE then APGD-DLR (``pgd_steps`` iterations each);
+    ``"autoattack"``: the standard AutoAttack (its own fixed settings; needs ``torchattacks``).
     A point counts as robust only if it is correctly classified and the attack fails; as certified
-    only if it is correctly classified and the IBP margins are all positive.
+    only if it is correctly classified and the IBP margins are all positive. ``robust_acc`` is the
+    accuracy under the attack named by ``attack`` / ``attack_desc`` (``pgd_acc`` too when it is PGD).
     """
-    if attack_name not in ("pgd", "apgd"):
-        raise ValueError(f"unknown attack {attack_name!r}; known: pgd, apgd")
+    if attack_name not in ATTACKS:
+        raise ValueError(f"unknown attack {attack_name!r}; known: {', '.join(ATTACKS)}")
     if images.dtype != torch.uint8 and images.numel() and (images.min() < threat.data_min or images.max() > threat.data_max):
         raise ValueError(f"images must be uint8 or floats in [{threat.data_min}, {threat.data_max}], got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
     n = labels.shape[0]
     if n == 0:
         raise ValueError("evaluate: no test points (limit 0 or an empty split)")
-    was_training = model.training
-    model.eval()
+    run_attack = attack and threat.eps > 0
+    desc = attack_description(attack_name, pgd_steps, pgd_restarts, pgd_step_size) if run_attack else "none"
+    net = as_certifiable(model)
+    was_training = net.training
+    net.eval()
     clean = adv = cert = 0
     t0 = time.time()
     bar = tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False)
@@ -44,25 +70,34 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
             y = labels[s:s + batch_size].to(device)
             with torch.inference_mode(), exact_fp32():
-                ok = model(x).argmax(1) == y
-                lb = ibp(model, x, threat, C=margin_matrix(y, model.num_classes)).lower
+                ok = net(x).argmax(1) == y
+                lb = ibp(net, x, threat, C=margin_matrix(y, net.num_classes)).lower
                 cert_ok = ok & (lb > 0).all(dim=1)
             clean += int(ok.sum())
             cert += int(cert_ok.sum())
-            if attack and threat.eps > 0:
+            if run_attack:
                 if attack_name == "apgd":
-                    xa = apgd_ensemble(model, x, y, threat, steps=max(pgd_steps, 1), restarts=pgd_restarts)
+                    xa = apgd_ensemble(net, x, y, threat, steps=max(pgd_steps, 1), restarts=pgd_restarts)
+                elif attack_name == "autoattack":
+                    from certdist.attacks.autoattack import autoattack
+                    xa = autoattack(net, x, y, threat, net.num_classes)
                 else:
-                    xa = pgd(model, x, y, threat, steps=pgd_steps, restarts=pgd_restarts, step_size=pgd_step_size,
+                    xa = pgd(net, x, y, threat, steps=pgd_steps, restarts=pgd_restarts, step_size=pgd_step_size,
                              relative_step=True, loss="margin")
                 with torch.inference_mode():
-                    adv_ok = ok & (model(xa).argmax(1) == y)
+                    adv_ok = ok & (net(xa).argmax(1) == y)
                 adv += int(adv_ok.sum())
             else:
                 adv += int(ok.sum())
             bar.set_postfix(clean=f"{100 * clean / min(n, s + batch_size):.1f}")
     finally:
-        model.train(was_training)
-    return {"n": n, "eps": threat.eps, "clean_acc": 100.0 * clean / n, "pgd_acc": 100.0 * adv / n,
-            "ibp_cert_acc": 100.0 * cert / n, "attack": attack_name, "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
-            "time_s": round(time.time() - t0, 2)}
+        net.train(was_training)
+    settings = {"autoattack": {"version": "standard"},
+                "apgd": {"steps": max(pgd_steps, 1), "restarts": pgd_restarts},
+                "pgd": {"steps": pgd_steps, "restarts": pgd_restarts, "step_size": pgd_step_size}}[attack_name]
+    out = {"n": n, "eps": threat.eps, "clean_acc": 100.0 * clean / n, "robust_acc": 100.0 * adv / n,
+           "ibp_cert_acc": 100.0 * cert / n, "attack": attack_name if run_attack else "none", "attack_desc": desc,
+           "attack_settings": settings if run_attack else {}, "time_s": round(time.time() - t0, 2)}
+    if attack_name == "pgd" and run_attack:
+        out["pgd_acc"] = out["robust_acc"]
+    return out

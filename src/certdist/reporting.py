@@ -7,7 +7,23 @@ from pathlib import Path
 
 from certdist.config import RUNTIME_KEYS
 
-METRICS = ("clean_acc", "pgd_acc", "ibp_cert_acc", "train_time_s")
+METRICS = ("clean_acc", "robust_acc", "ibp_cert_acc", "train_time_s")
+ATTACK_LABELS = {"pgd": "PGD", "apgd": "APGD", "autoattack": "AutoAttack", "none": "none"}
+
+
+def _metric(r: dict, m: str):
+    if m == "robust_acc" and m not in r:  # results written before the attack was named
+        return r.get("pgd_acc")
+    return r.get(m)
+
+
+def _attack_label(r: dict) -> str:
+    a = r.get("attack", "pgd" if "pgd_acc" in r else None)
+    if a is None:
+        return "-"
+    label = ATTACK_LABELS.get(a, a)
+    steps = (r.get("attack_settings") or {}).get("steps", r.get("pgd_steps"))
+    return f"{label}-{steps}" if a in ("pgd", "apgd") and steps is not None else label
 
 
 def collect(paths: list[str | Path]) -> list[dict]:
@@ -49,7 +65,8 @@ def format_table(rows: list[dict], group: bool = True) -> str:
     """A Markdown table; with ``group``, one row per run name (the seeds of one setting) with the
     mean and sample standard deviation over its runs; a group whose runs differ in more than the seed
     is marked "mixed settings"."""
-    head = ["run", "dataset", "arch", "method", "teacher", "eps", "n", "clean %", "PGD %", "IBP-cert %", "train s"]
+    head = ["run", "dataset", "arch", "method", "teacher", "eps", "n", "clean %", "attack", "robust %", "IBP-cert %",
+            "train s"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         key = _group_key(r) if group else _group_key(r) + (r.get("run", id(r)),)
@@ -60,7 +77,8 @@ def format_table(rows: list[dict], group: bool = True) -> str:
         if len({_settings(r) for r in rs}) > 1:
             n += " (mixed settings!)"
         cells = [str(v) for v in key[:6]] + [n]
-        cells += [_fmt([float(r[m]) for r in rs if m in r]) for m in METRICS]
+        vals = [_fmt([float(_metric(r, m)) for r in rs if _metric(r, m) is not None]) for m in METRICS]
+        cells += vals[:1] + [", ".join(sorted({_attack_label(r) for r in rs}))] + vals[1:]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

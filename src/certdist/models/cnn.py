@@ -28,10 +28,11 @@ class CertifiableNet(nn.Module):
     """``head(features(x))``: a feature extractor (Normalize first) and a final linear layer.
 
     ``features`` and ``head`` are kept apart because distillation needs the penultimate features.
-    ``arch`` and ``input_spec`` identify the architecture so checkpoints can be checked on load.
+    ``arch`` and ``input_spec`` identify the architecture so checkpoints can be checked on load
+    (``input_spec`` is ``None`` for a view of a user's ``nn.Sequential``, see :func:`as_certifiable`).
     """
 
-    def __init__(self, features: nn.Sequential, head: nn.Linear, arch: str, input_spec: InputSpec) -> None:
+    def __init__(self, features: nn.Sequential, head: nn.Linear, arch: str, input_spec: InputSpec | None) -> None:
         super().__init__()
         self.features = features
         self.head = head
@@ -58,7 +59,37 @@ class CertifiableNet(nn.Module):
         return self.head(h), h
 
     def describe(self) -> dict:
-        return {"arch": self.arch, **self.input_spec.__dict__}
+        return {"arch": self.arch, **(self.input_spec.__dict__ if self.input_spec is not None else {})}
+
+
+def flat_layers(model: nn.Module) -> list[nn.Module]:
+    """The chain of layers of a :class:`CertifiableNet` (``model.layers()``) or of an ``nn.Sequential``
+    (nested ``nn.Sequential`` blocks flattened)."""
+    if hasattr(model, "layers") and callable(model.layers):
+        return list(model.layers())
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"expected a CertifiableNet or an nn.Sequential (a chain of supported layers), got "
+                        f"{type(model).__name__}")
+    out: list[nn.Module] = []
+    for m in model:
+        out.extend(flat_layers(m) if isinstance(m, nn.Sequential) else [m])
+    return out
+
+
+def as_certifiable(model: nn.Module) -> CertifiableNet:
+    """``model`` as a :class:`CertifiableNet`: itself if it is one, else (an ``nn.Sequential``) a view
+    whose ``features`` are all layers but the last and whose ``head`` is the final ``nn.Linear``.
+
+    The view shares the modules (and so the parameters) of ``model``: training, ``.eval()`` or
+    ``.to()`` on one acts on the other. Its ``arch`` is ``"sequential"`` and ``input_spec`` is None."""
+    if isinstance(model, CertifiableNet):
+        return model
+    layers = flat_layers(model)
+    if not layers or not isinstance(layers[-1], nn.Linear):
+        last = type(layers[-1]).__name__ if layers else "nothing"
+        raise TypeError(f"the last layer of the network must be an nn.Linear (the classification head that "
+                        f"distillation and the margin bounds split off), got {last}")
+    return CertifiableNet(nn.Sequential(*layers[:-1]), layers[-1], "sequential", None)
 
 
 def _conv_out(size: int, k: int, s: int, p: int) -> int:

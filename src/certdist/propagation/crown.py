@@ -468,15 +468,15 @@ def prepare(model, x: torch.Tensor, threat, ref: torch.Tensor | None, eps: float
 
 
 def crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y: torch.Tensor | None = None,
-          intermediate: str = "ibp", ref: torch.Tensor | None = None, return_intermediate: bool = False,
+          intermediate: str = "crown", ref: torch.Tensor | None = None, return_intermediate: bool = False,
           bound_lower: bool = True, bound_upper: bool = True,
           intermediate_bounds: Sequence[Interval | None] | None = None, eps: float | None = None,
           max_memory: int = DEFAULT_MAX_MEMORY):
     """CROWN bounds of ``C z`` over the threat model's box around ``x``: an :class:`Interval` [B, S].
 
     ``C`` defaults to the margins of ``y`` (rows ``e_y - e_j``, ``j != y``) or, without ``y``, the
-    identity (logit bounds). ``intermediate``: ``"ibp"`` (CROWN-IBP), ``"crown"`` or ``"best"`` (see the
-    module docstring). A side not asked for is ``-inf`` / ``+inf``. With ``return_intermediate`` returns
+    identity (logit bounds). ``intermediate``: ``"crown"`` (default: full CROWN, auto_LiRPA's
+    ``method="CROWN"``), ``"best"`` or ``"ibp"`` (CROWN-IBP; see :func:`crown_ibp` and the module docstring). A side not asked for is ``-inf`` / ``+inf``. With ``return_intermediate`` returns
     ``(bounds, pre_activation_bounds)``, the latter a list with one :class:`Interval` per ReLU in forward
     order. Differentiable (for training with CROWN-IBP)."""
     if not (bound_lower or bound_upper):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certdist.bounds import Interval
+from certdist.models.cnn import as_certifiable
 from certdist.models.layers import Normalize
 
 Rule = Callable[[nn.Module, Interval, "torch.Tensor | None"], "tuple[Interval, torch.Tensor | None]"]
@@ -202,7 +203,10 @@ def ibp(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, eps: floa
     """IBP bounds of the model's outputs (or of ``C z`` when a specification is given) over the
     threat model's box around ``x``. BatchNorm in training mode takes its statistics from ``x``.
 
-    With ``return_features`` the interval of the penultimate features is returned too."""
+    ``model``: a :class:`~certdist.models.CertifiableNet` or an ``nn.Sequential`` ending in an
+    ``nn.Linear`` (split off as the head). With ``return_features`` the interval of the penultimate
+    features is returned too."""
+    model = as_certifiable(model)
     box = threat.box(x, eps)
     feats = propagate(model.features, box, ref=x)
     if C is None:

@@ -62,8 +62,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def model_meta(model: CertifiableNet) -> dict[str, Any]:
-    return {"arch": model.arch, "input_spec": {k: (list(v) if isinstance(v, tuple) else v)
-                                               for k, v in model.input_spec.__dict__.items()}}
+    """The architecture and input spec; ``input_spec`` is None for a user's own network (``fit``), whose
+    weights are then loaded back with :func:`load_weights` into the same ``nn.Module``."""
+    spec = getattr(model, "input_spec", None)
+    return {"arch": getattr(model, "arch", type(model).__name__),
+            "input_spec": None if spec is None else {k: (list(v) if isinstance(v, tuple) else v)
+                                                     for k, v in spec.__dict__.items()}}
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -103,6 +107,10 @@ def model_from_checkpoint(path: str | os.PathLike, expect_arch: str | None = Non
     """Rebuild the model a checkpoint was trained with, load its weights, return it in eval mode."""
     payload = load_checkpoint(path)
     meta = payload["model_meta"]
+    if meta.get("input_spec") is None:
+        raise CheckpointError(f"{path} holds the weights of a user-defined {meta.get('arch')!r} network (trained "
+                              "with certdist.fit): build the same nn.Module and load them with "
+                              "certdist.training.checkpoint.load_weights(model, load_checkpoint(path)['model'])")
     spec = InputSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["input_spec"].items()})
     if expect_arch is not None and meta["arch"] != expect_arch:
         raise CheckpointError(f"{path} holds a {meta['arch']!r} model, expected {expect_arch!r}")
@@ -116,7 +124,7 @@ def model_from_checkpoint(path: str | os.PathLike, expect_arch: str | None = Non
     return model.eval(), payload
 
 
-def load_weights(model: CertifiableNet, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -130,7 +138,8 @@ def load_weights(model: CertifiableNet, state: dict[str, torch.Tensor], source: 
         if wrong:
             detail.append("shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                          for k in wrong[:5]))
-        raise CheckpointError(f"{source} does not fit architecture {model.arch!r}: " + "; ".join(detail))
+        arch = getattr(model, "arch", type(model).__name__)
+        raise CheckpointError(f"{source} does not fit architecture {arch!r}: " + "; ".join(detail))
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{source}: parameter {k} holds NaN or inf values")

@@ -6,21 +6,24 @@ after every epoch, written atomically), ``metrics.csv`` and, once finished, ``re
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
 from certdist import data as D
-from certdist.config import RunConfig, differing_keys, dump_yaml, to_dict
+from certdist.config import RunConfig, differing_keys, to_dict
 from certdist.evaluation import evaluate
-from certdist.models import CertifiableNet, InputSpec, build_model
+from certdist.models import CertifiableNet, InputSpec, as_certifiable, build_model
 from certdist.threats import ThreatModel
 from certdist.training import checkpoint as ckpt
 from certdist.training.distributed import Dist, setup as setup_distributed
@@ -78,7 +81,14 @@ def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, 
         raise TrainingError(f"teacher {path} was trained on {t_data!r}, the student on {cfg.data.dataset!r}")
     if model.input_spec != student.input_spec:
         raise TrainingError(f"teacher {path} expects inputs {model.input_spec}, the student {student.input_spec}")
-    model = model.to(device).eval()
+    return make_teacher(cfg, model, student, device, n_train, cache_ok)
+
+
+def make_teacher(cfg: RunConfig, model: nn.Module, student: CertifiableNet, device: torch.device, n_train: int,
+                 cache_ok: bool) -> Teacher:
+    """A frozen eval-mode copy of ``model`` (a CertifiableNet or an nn.Sequential) as the teacher of
+    ``student``, with the projection and the feature cache the config asks for."""
+    model = copy.deepcopy(as_certifiable(model)).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     projection = None
@@ -126,11 +136,21 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name / f"seed{cfg.seed}"
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train (or resume) the run described by ``cfg``; returns the run folder."""
+def check_runtime(cfg: RunConfig) -> None:
+    """Fail before any work on runtime settings this machine cannot honour."""
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device={cfg.device} but torch {torch.__version__} finds no CUDA device; "
+                            "use device=cpu (or device=auto)")
+    if cfg.logger == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise TrainingError("logger=tensorboard needs the tensorboard package (pip install tensorboard); "
+                                "or use logger=csv") from None
+
+
+def _prepare_run_dir(cfg: RunConfig, dd: Dist, resume: bool, overwrite: bool) -> Path:
     run_dir = run_dir_for(cfg)
-    last = run_dir / "last.pt"
-    dd = setup_distributed(cfg.device)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
@@ -139,11 +159,20 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         if dd.is_main:
             for f in ("last.pt", "metrics.csv", "results.json", "config.yaml"):
                 (run_dir / f).unlink(missing_ok=True)
-    if resume and not last.exists():
-        raise TrainingError(f"--resume: no checkpoint at {last}")
+    if resume and not (run_dir / "last.pt").exists():
+        raise TrainingError(f"--resume: no checkpoint at {run_dir / 'last.pt'}")
     dd.barrier()
     if dd.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train (or resume) the run described by ``cfg`` (dataset and model from the config); returns the
+    run folder. :func:`certdist.fit` runs the same loop on a given model and DataLoader."""
+    check_runtime(cfg)
+    dd = setup_distributed(cfg.device)
+    run_dir = _prepare_run_dir(cfg, dd, resume, overwrite)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device, dd)
@@ -157,6 +186,29 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     teacher = None
     if cfg.distill.teacher:
         teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment)
+    n = train_data.labels.shape[0]
+    steps_per_epoch = sum(1 for s in range(0, n, cfg.batch_size) if min(cfg.batch_size, n - s) >= 2 * dd.world or n == 1)
+    run_loop(cfg, run_dir, model, model, teacher,
+             lambda epoch: _batch_iter(train_data, cfg, epoch, augment, device, dd), steps_per_epoch,
+             (test_data.images, test_data.labels), to_dict(cfg),
+             {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "teacher": cfg.distill.teacher},
+             device, dd, resume)
+    return run_dir
+
+
+def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Module, teacher: Teacher | None,
+             batches: Callable[[int], Iterable], steps_per_epoch: int,
+             test: tuple[torch.Tensor, torch.Tensor] | None, cfg_record: dict, info: dict,
+             device: torch.device, dd: Dist = Dist(), resume: bool = False) -> dict | None:
+    """The epochs of one run, shared by ``certdist train`` and :func:`certdist.fit`: schedules, the
+    per-batch objective, checkpoints (``last.pt`` after every epoch; resume), metrics, and the final
+    evaluation into ``results.json`` (returned; None on ranks other than 0).
+
+    ``model``: the network the objective bounds (features + head); ``module``: the network whose
+    ``state_dict`` is checkpointed (the user's own module for ``fit``, else ``model``). ``batches(epoch)``
+    yields ``(index or None, x, y)``; ``test``: images and labels of the test split (None: no test
+    metrics); ``cfg_record``: the config as saved and compared on resume."""
+    last = run_dir / "last.pt"
     params = list(model.parameters()) + (list(teacher.projection.parameters()) if teacher and teacher.projection else [])
     opt = make_optimizer(cfg, params)
     if dd.enabled:  # distinct attack randomness per rank from here on
@@ -168,11 +220,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         payload = ckpt.load_checkpoint(last)
         if payload.get("finished"):
             raise TrainingError(f"{run_dir} is finished; nothing to resume (results in {run_dir / 'results.json'})")
-        saved, now = payload["config"], to_dict(cfg)
-        diff = differing_keys(saved, now, RESUME_IGNORES)
+        diff = differing_keys(payload["config"], cfg_record, RESUME_IGNORES)
         if diff:
             raise TrainingError(f"--resume with a different config than the checkpoint's (keys differ: {diff})")
-        ckpt.load_weights(model, payload["model"], source=str(last))
+        ckpt.load_weights(module, payload["model"], source=str(last))
         opt.load_state_dict(payload["optimizer"])
         if teacher and teacher.projection is not None:
             teacher.projection.load_state_dict(payload["projection"])
@@ -182,10 +233,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
             seed_everything(cfg.seed + 1000 * dd.rank + start_epoch)
         logger.truncate(start_epoch)
     elif dd.is_main:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_record, sort_keys=False))
 
-    n = train_data.labels.shape[0]
-    steps_per_epoch = sum(1 for s in range(0, n, cfg.batch_size) if min(cfg.batch_size, n - s) >= 2 * dd.world or n == 1)
     test_threat = ThreatModel(cfg.eps)
     for epoch in range(start_epoch, cfg.epochs):
         lr = lr_at(epoch, cfg.lr, cfg.lr_milestones, cfg.lr_decay)
@@ -195,7 +244,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         t0 = time.time()
-        bar = tqdm(_batch_iter(train_data, cfg, epoch, augment, device, dd), total=steps_per_epoch,
+        bar = tqdm(batches(epoch), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or not dd.is_main, leave=False)
         for i, (idx, x, y) in enumerate(bar):
             ctx = step_context(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
@@ -219,43 +268,45 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
         row = {"epoch": epoch + 1, "lr": lr, "eps": ctx.eps, "time_s": round(time.time() - t0, 2)}
         row |= {f"train_{k}": round(v / counts[k], 5) for k, v in sums.items()}  # rank 0's share
         if dd.is_main:
-            row |= _quick_eval(model, test_data, test_threat, device)
+            if test is not None:
+                row |= _quick_eval(model, test[0], test[1], test_threat, device)
             logger.log(row)
             tqdm.write(f"[{cfg.name}] " + " ".join(f"{k}={v}" for k, v in row.items()))
-            _save(last, cfg, model, opt, teacher, epoch, logger.rows, finished=False)
+            _save(last, cfg_record, model, module, opt, teacher, epoch, logger.rows, finished=False)
         dd.barrier()
 
     if not dd.is_main:
         dd.barrier()  # wait for rank 0's final evaluation
-        return run_dir
+        return None
 
-    lim = cfg.eval.limit
-    results = evaluate(model, test_data.images[:lim], test_data.labels[:lim], test_threat, cfg.eval.pgd_steps,
-                       cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
-                       progress=cfg.progress, attack_name=cfg.eval.attack)
-    results |= {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "method": cfg.method,
-                "teacher": cfg.distill.teacher, "seed": cfg.seed, "config": to_dict(cfg), "versions": ckpt.versions(),
-                "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
+    results: dict = {}
+    if test is not None:
+        lim = cfg.eval.limit
+        results = evaluate(model, test[0][:lim], test[1][:lim], test_threat, cfg.eval.pgd_steps,
+                           cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
+                           progress=cfg.progress, attack_name=cfg.eval.attack)
+    results |= info | {"method": cfg.method, "seed": cfg.seed, "config": cfg_record, "versions": ckpt.versions(),
+                       "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     payload = ckpt.load_checkpoint(last)
     payload["finished"] = True
     payload["results"] = {k: v for k, v in results.items() if isinstance(v, (int, float, str))}
     ckpt.save_checkpoint(last, payload)
     dd.barrier()
-    return run_dir
+    return results
 
 
-def _quick_eval(model: nn.Module, test: "D.TensorData", threat: ThreatModel, device, n: int = 1000) -> dict:
+def _quick_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel, device,
+                n: int = 1000) -> dict:
     """Clean and IBP-certified accuracy on the first ``n`` test points (eval mode), every epoch."""
-    r = evaluate(model, test.images[:n], test.labels[:n], threat, batch_size=n, device=device, progress=False,
-                 attack=False)
+    r = evaluate(model, images[:n], labels[:n], threat, batch_size=n, device=device, progress=False, attack=False)
     return {"test_clean": round(r["clean_acc"], 2), "test_ibp_cert": round(r["ibp_cert_acc"], 2)}
 
 
-def _save(path: Path, cfg: RunConfig, model, opt, teacher, epoch: int, rows: list, finished: bool) -> None:
+def _save(path: Path, cfg_record: dict, model, module, opt, teacher, epoch: int, rows: list, finished: bool) -> None:
     payload = {
-        "model": model.state_dict(), "model_meta": ckpt.model_meta(model), "optimizer": opt.state_dict(),
-        "config": to_dict(cfg), "epoch": epoch, "rng": ckpt.rng_state(), "metrics": rows,
+        "model": module.state_dict(), "model_meta": ckpt.model_meta(model), "optimizer": opt.state_dict(),
+        "config": cfg_record, "epoch": epoch, "rng": ckpt.rng_state(), "metrics": rows,
         "versions": ckpt.versions(), "finished": finished,
     }
     if teacher is not None and teacher.projection is not None:

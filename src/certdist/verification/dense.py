@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
 
 AFFINE_TYPES: tuple[type, ...] = (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
@@ -69,7 +70,7 @@ def _fold(block: list[nn.Module], in_shape: tuple[int, ...]) -> tuple[torch.Tens
 def dense_from_model(model: nn.Module, input_shape: tuple[int, ...], max_weights: int = 20_000_000) -> DenseNet:
     """Fold ``model.layers()`` (eval mode) into a :class:`DenseNet`. Raises :class:`TooLargeError`
     if a dense matrix would exceed ``max_weights`` entries and TypeError on an unsupported layer."""
-    layers = list(model.layers()) if hasattr(model, "layers") else list(model)
+    layers = flat_layers(model)
     blocks: list[list[nn.Module]] = [[]]
     for m in layers:
         if isinstance(m, nn.ReLU):

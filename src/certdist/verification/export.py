@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
 from certdist.threats import ThreatModel
 
@@ -101,10 +102,6 @@ def _emit(g: _Graph, m: nn.Module) -> None:
         raise TypeError(f"cannot export layer {type(m).__name__} to ONNX")
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
-    return list(model.layers()) if hasattr(model, "layers") else list(model)
-
-
 def _full_shape(input_shape: Sequence[int]) -> list[int]:
     shape = list(input_shape)
     return shape if len(shape) == 4 else [1, *shape]
@@ -124,7 +121,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     net = copy.deepcopy(model).eval()
     shape = _full_shape(input_shape)
     g = _Graph()
-    for m in _layers(net):
+    for m in flat_layers(net):
         _emit(g, m)
     with torch.no_grad():
         out_shape = list(net(torch.zeros(shape)).shape)
