@@ -39,4 +39,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    try:  # submodules: certdist.evaluation, certdist.verification, ...
+        return importlib.import_module(f"certdist.{name}")
+    except ModuleNotFoundError:
+        pass
     raise AttributeError(f"module 'certdist' has no attribute {name!r}")

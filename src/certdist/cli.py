@@ -26,6 +26,8 @@ def _load_checkpoint_and_test(args: argparse.Namespace, limit: int | None = None
     arguments, else the config) and the test split, checked to fit the model."""
     from certdist import data as D
     from certdist.training.checkpoint import model_from_checkpoint
+    if getattr(args, "limit", None) is not None and args.limit < 1:
+        raise SystemExit(f"error: --limit must be >= 1 (leave it out for the whole test set), got {args.limit}")
     model, payload = model_from_checkpoint(args.checkpoint)
     cfg = payload.get("config", {})
     dataset, eps = _dataset_and_eps(args, cfg)
@@ -37,16 +39,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from certdist.evaluation import evaluate
     from certdist.threats import ThreatModel
     model, cfg, dataset, eps, test = _load_checkpoint_and_test(args, limit=args.limit)
+    suffix = "" if args.attack == "pgd" else f"_{args.attack}"
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_eps{eps:g}{suffix}.json")
+    if out.exists() and not args.overwrite:  # before the (long) attack, not after it
+        raise SystemExit(f"error: {out} exists; pass --overwrite or --out")
+    if args.attack == "autoattack":
+        from certdist.attacks.autoattack import autoattack_description
+        autoattack_description()  # fails now, with the install command, when torchattacks is missing
     ev = cfg.get("eval", {})
     res = evaluate(model, test.images, test.labels, ThreatModel(eps),
                    pgd_steps=args.pgd_steps if args.pgd_steps is not None else ev.get("pgd_steps", 40),
                    pgd_restarts=args.pgd_restarts if args.pgd_restarts is not None else ev.get("pgd_restarts", 1),
                    attack_name=args.attack)
     res |= {"dataset": dataset, "arch": model.arch, "method": cfg.get("method"), "checkpoint": str(args.checkpoint)}
-    suffix = "" if args.attack == "pgd" else f"_{args.attack}"
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_eps{eps:g}{suffix}.json")
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite or --out")
     out.write_text(json.dumps(res, indent=2))
     _print_results([res])
     print(f"written: {out}")
@@ -58,8 +63,6 @@ def _dataset_and_eps(args: argparse.Namespace, cfg: dict) -> tuple[str, float]:
     eps = args.eps if args.eps is not None else cfg.get("eps")
     if dataset is None or eps is None:
         raise SystemExit("error: the checkpoint names no dataset or eps; pass --dataset and --eps")
-    if eps < 0:
-        raise SystemExit(f"error: --eps must be >= 0, got {eps}")
     return dataset, float(eps)
 
 
@@ -137,10 +140,43 @@ def _cmd_table(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from certdist.reporting import collect, format_table
     from certdist.sweep import sweep
-    configs = [c for c in args.items if "=" not in c]
-    overrides = [c for c in args.items if "=" in c]
-    dirs = sweep(configs, args.seeds, overrides, jobs=args.jobs)
+    seeds, items = _split_seeds(args.seeds, args.items)
+    configs = [c for c in items if "=" not in c]
+    overrides = [c for c in items if "=" in c]
+    dirs = sweep(configs, seeds, overrides, jobs=args.jobs)
     print(format_table(collect(dirs)))
+    return 0
+
+
+def _split_seeds(seed_args: list[str], items: list[str]) -> tuple[list[int], list[str]]:
+    """``--seeds 0 1 key=value cfg.yaml``: argparse gives everything after ``--seeds`` to it; the leading
+    integers are the seeds, the rest are configs and overrides."""
+    k = 0
+    while k < len(seed_args) and seed_args[k].lstrip("-").isdigit():
+        k += 1
+    seeds = [int(v) for v in seed_args[:k]]
+    if not seeds:
+        raise SystemExit(f"error: --seeds needs at least one integer seed, got {' '.join(seed_args) or 'none'}")
+    if any(v < 0 for v in seeds):
+        raise SystemExit(f"error: seeds must be >= 0, got {seeds}")
+    rest = items + seed_args[k:]
+    if not rest:
+        raise SystemExit("error: sweep needs config files and/or key=value overrides")
+    return seeds, rest
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from certdist.config import config_help, dump_yaml, load_config, packaged_configs_dir
+    if args.config_command == "list":
+        root = packaged_configs_dir()
+        for f in sorted(root.rglob("*.yaml")):
+            print(f.relative_to(root))
+        print(f"(in {root}; pass e.g. --config small/mnist_cc-ibp.yaml)")
+        return 0
+    if args.config is None and not args.overrides:
+        print(config_help())
+        return 0
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
@@ -160,12 +196,25 @@ def _print_results(rows: list[dict]) -> None:
     print(format_table(rows, group=False))
 
 
+def _eps_arg(text: str) -> float:
+    """``--eps``: a number or the field's notation ``8/255``, inside the data range [0, 1]."""
+    from certdist.threats import check_eps_in_range, parse_eps
+    try:
+        eps = parse_eps(text)
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {text}")
+        check_eps_in_range(eps)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return eps
+
+
 def _checkpoint_parser(sub, name: str, help_: str, eps_required: bool = False) -> argparse.ArgumentParser:
     """A subcommand that works on a checkpoint and its dataset's test split."""
     p = sub.add_parser(name, help=help_)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--eps", type=float, required=eps_required,
-                   help=None if eps_required else "default: the checkpoint's test eps")
+    p.add_argument("--eps", type=_eps_arg, required=eps_required,
+                   help="a number or a fraction like 8/255" + ("" if eps_required else "; default: the checkpoint's test eps"))
     p.add_argument("--dataset", help="default: the checkpoint's dataset")
     p.add_argument("--data-dir")
     return p
@@ -178,19 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"certdist {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model from a YAML config (+ key=value overrides)")
+    from certdist.config import config_help
+    t = sub.add_parser("train", help="train a model from a YAML config (+ key=value overrides)",
+                       epilog=config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5 attack.steps=1")
     t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     t.set_defaults(fn=_cmd_train)
 
-    e = _checkpoint_parser(sub, "evaluate", "clean, PGD and IBP-certified accuracy of a checkpoint")
+    e = _checkpoint_parser(sub, "evaluate", "clean, attacked and IBP-certified accuracy of a checkpoint")
     e.add_argument("--limit", type=int)
     e.add_argument("--pgd-steps", type=int)
     e.add_argument("--pgd-restarts", type=int)
-    e.add_argument("--attack", default="pgd", choices=["pgd", "apgd"],
-                   help="pgd (margin loss) or apgd (APGD-CE + APGD-DLR)")
+    e.add_argument("--attack", default="pgd", choices=["pgd", "apgd", "autoattack"],
+                   help="pgd (margin loss), apgd (APGD-CE + APGD-DLR) or autoattack (the standard AutoAttack: "
+                   "APGD-CE, APGD-T, FAB-T, Square; needs: pip install --no-deps torchattacks==3.5.1 scipy)")
     e.add_argument("--out")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(fn=_cmd_evaluate)
@@ -228,10 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=_cmd_plot)
 
     w = sub.add_parser("sweep", help="run configs over seeds (in order; finished runs skipped), then the table")
-    w.add_argument("items", nargs="+", help="config files, then key=value overrides applied to all")
-    w.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    w.add_argument("items", nargs="*", help="config files, then key=value overrides applied to all")
+    w.add_argument("--seeds", nargs="+", default=["0", "1", "2"],
+                   help="seeds (config files and key=value overrides may follow them)")
     w.add_argument("--jobs", type=int, default=1, help="seeds of one config run in parallel")
     w.set_defaults(fn=_cmd_sweep)
+
+    cf = sub.add_parser("config", help="show the config keys, defaults and methods, a resolved config, or the "
+                        "packaged configs")
+    cfsub = cf.add_subparsers(dest="config_command", required=True)
+    cs = cfsub.add_parser("show", help="without arguments: every key with its default and the methods; with "
+                          "--config / key=value: the resolved config as YAML")
+    cs.add_argument("--config")
+    cs.add_argument("overrides", nargs="*")
+    cs.set_defaults(fn=_cmd_config)
+    cl = cfsub.add_parser("list", help="the YAML configs shipped with the package")
+    cl.set_defaults(fn=_cmd_config)
 
     g = sub.add_parser("merge", help="merge the JSON-lines files of certify shards into one summary")
     g.add_argument("files", nargs="+")
@@ -245,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_INTERRUPT_HINT = {
+    "train": "rerun the same command with --resume to continue from the last checkpoint (saved after every epoch)",
+    "sweep": "rerun the same sweep: finished runs are skipped, interrupted ones resumed",
+    "certify": "rerun the same command: the points already in the results file are kept and skipped",
+    "demo": "rerun the demo to start again",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from certdist.config import ConfigError
     from certdist.data import DataError
@@ -253,7 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {_INTERRUPT_HINT.get(args.command, 'nothing was written after the interruption')}",
+              file=sys.stderr)
+        return 130
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ImportError) as e:  # no runs under a folder, an optional package missing
+        if os.environ.get("CERTDIST_DEBUG"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad values reaching the library (e.g. --timeout 0); CERTDIST_DEBUG=1 for the traceback

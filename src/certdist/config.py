@@ -66,7 +66,7 @@ class EvalConfig:
     pgd_steps: int = 40
     pgd_restarts: int = 1
     pgd_step_size: float = 0.035         # relative to eps, as in the expressive-losses code
-    attack: str = "pgd"                  # "pgd" or "apgd" (APGD-CE + APGD-DLR, AutoAttack's white-box pair)
+    attack: str = "pgd"                  # "pgd", "apgd" (APGD-CE + APGD-DLR) or "autoattack" (standard; torchattacks)
     batch_size: int = 500
     limit: Optional[int] = None          # evaluate on the first N test points only
 
@@ -167,8 +167,8 @@ def validate(c: RunConfig) -> None:
     e = c.eval
     if e.batch_size < 1 or e.pgd_steps < 0 or e.pgd_restarts < 1 or not e.pgd_step_size > 0:
         bad("eval", "need batch_size >= 1, pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
-    if e.attack not in ("pgd", "apgd"):
-        bad("eval.attack", f"unknown attack {e.attack!r}; valid: pgd, apgd")
+    if e.attack not in ("pgd", "apgd", "autoattack"):
+        bad("eval.attack", f"unknown attack {e.attack!r}; valid: pgd, apgd, autoattack")
     if e.limit is not None and e.limit < 1:
         bad("eval.limit", f"must be >= 1 (or null for the whole test set), got {e.limit}")
     if not c.lr_decay > 0:
@@ -311,7 +311,7 @@ def _merge(a: dict, b: dict) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     data: dict = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         loaded = yaml.safe_load(p.read_text()) or {}
@@ -329,3 +329,57 @@ def from_dict(data: dict) -> RunConfig:
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# help and packaged configs (`certdist train --help`, `certdist config show|list`)
+
+METHOD_HELP = {
+    "standard": "cross-entropy on clean inputs",
+    "pgd-at": "PGD adversarial training (a teacher)",
+    "ibp": "IBP (Gowal et al. 2018)",
+    "crown-ibp": "CROWN-IBP (Zhang et al. 2020)",
+    "sabr": "SABR (Mueller et al. 2023)",
+    "mtl-ibp": "MTL-IBP (De Palma et al. 2024)",
+    "cc-ibp": "CC-IBP (De Palma et al. 2024); with distill.teacher=...: CC-Dist",
+    "exp-ibp": "Exp-IBP (De Palma et al. 2024)",
+}
+
+
+def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any]]:  # type: ignore[assignment]
+    """Every config key (dotted) with its default, in declaration order."""
+    cls = cls or RunConfig
+    out: list[tuple[str, Any]] = []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            out += config_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, list(default) if isinstance(default, tuple) else default))
+    return out
+
+
+def config_help() -> str:
+    """The methods and every key with its default, for ``certdist train --help``."""
+    lines = ["methods (method=...):"] + [f"  {m:<10} {METHOD_HELP.get(m, '')}" for m in METHODS]
+    lines += ["", "config keys (YAML or key=value overrides; eps may be written 8/255) and defaults:"]
+    lines += [f"  {k:<26} {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+              for k, v in config_keys()]
+    lines += ["", "packaged configs (--config small/mnist_cc-ibp.yaml works from any folder): certdist config list"]
+    return "\n".join(lines)
+
+
+def packaged_configs_dir() -> Path:
+    """The YAML configs shipped inside the package (``certdist/configs``; in a checkout: ``configs/``)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` if it exists, else the packaged config of that name (``small/mnist_cc-ibp.yaml`` or
+    ``configs/small/mnist_cc-ibp.yaml``), so the README's commands work after ``pip install .`` anywhere."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    rel = Path(*p.parts[1:]) if p.parts and p.parts[0] == "configs" else p
+    packaged = packaged_configs_dir() / rel
+    return packaged if packaged.is_file() else p

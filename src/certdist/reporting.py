@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from certdist.config import RUNTIME_KEYS
+from certdist.threats import format_eps
 
 METRICS = ("clean_acc", "robust_acc", "ibp_cert_acc", "train_time_s")
 ATTACK_LABELS = {"pgd": "PGD", "apgd": "APGD", "autoattack": "AutoAttack", "none": "none"}
@@ -30,8 +31,10 @@ def collect(paths: list[str | Path]) -> list[dict]:
     rows = []
     for p in map(Path, paths):
         files = [p] if p.is_file() else sorted(p.rglob("results.json"))
+        if not p.exists():
+            raise FileNotFoundError(f"no such file or folder: {p}")
         if not files:
-            raise FileNotFoundError(f"no results.json under {p}")
+            raise FileNotFoundError(f"no finished run (results.json) under {p}")
         for f in files:
             r = json.loads(f.read_text())
             r["run"] = str(f.parent)
@@ -76,42 +79,94 @@ def format_table(rows: list[dict], group: bool = True) -> str:
         n = f"{len(rs)}" + (" seeds" if group and len(rs) > 1 else "")
         if len({_settings(r) for r in rs}) > 1:
             n += " (mixed settings!)"
-        cells = [str(v) for v in key[:6]] + [n]
+        cells = [str(v) for v in key[:5]] + [format_eps(key[5]) if isinstance(key[5], (int, float)) else str(key[5]), n]
         vals = [_fmt([float(_metric(r, m)) for r in rs if _metric(r, m) is not None]) for m in METRICS]
         cells += vals[:1] + [", ".join(sorted({_attack_label(r) for r in rs}))] + vals[1:]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Training curves of runs (``metrics.csv``): test clean and IBP-certified accuracy, training eps
-    and loss per epoch, one line per run. Saved as an image (PNG, PDF or SVG by extension)."""
+def run_folders(paths: list[str | Path]) -> list[Path]:
+    """The run folders (holding ``metrics.csv``) given or found under the given parent folders."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"no such folder: {p}")
+        found = [p] if (p / "metrics.csv").is_file() else sorted(f.parent for f in p.rglob("metrics.csv"))
+        if not found:
+            raise FileNotFoundError(f"no run (metrics.csv) under {p}")
+        out += [d for d in found if d not in out]
+    return out
+
+
+def _label(d: Path) -> str:
+    return f"{d.parent.name}/{d.name}" if d.name.startswith("seed") else d.name
+
+
+def plot_figure(run_dirs: list[str | Path]):
+    """The figure of :func:`plot_runs`: four panels (test accuracy curves, training eps, training loss,
+    and the clean-vs-certified trade-off of the runs' last epochs), integer epoch ticks."""
     import csv
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for i, d in enumerate(map(Path, run_dirs)):
+    dirs = run_folders(run_dirs)
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for i, d in enumerate(dirs):
         color = f"C{i % 10}"
-        f = d / "metrics.csv"
-        if not f.exists():
-            raise FileNotFoundError(f"no metrics.csv in {d}")
-        rows = list(csv.DictReader(f.open()))
+        rows = list(csv.DictReader((d / "metrics.csv").open()))
+        if not rows:
+            continue
         ep = [int(float(r["epoch"])) for r in rows]
-        label = f"{d.parent.name}/{d.name}" if d.name.startswith("seed") else d.name
-        axes[0].plot(ep, [float(r["test_clean"]) for r in rows], color=color, label=f"{label} clean")
-        axes[0].plot(ep, [float(r["test_ibp_cert"]) for r in rows], "--", color=color, label=f"{label} IBP-cert")
+        label = _label(d)
+        has_test = "test_clean" in rows[0]
+        if has_test:
+            axes[0].plot(ep, [float(r["test_clean"]) for r in rows], color=color, label=f"{label} clean")
+            axes[0].plot(ep, [float(r["test_ibp_cert"]) for r in rows], "--", color=color, label=f"{label} IBP-cert")
         axes[1].plot(ep, [float(r["eps"]) for r in rows], color=color, label=label)
         axes[2].plot(ep, [float(r["train_loss"]) for r in rows], color=color, label=label)
-    for ax, title in zip(axes, ["test accuracy % (first 1000 points)", "training eps", "training loss"]):
+        clean, cert = _final_point(d, rows)
+        if clean is not None:
+            axes[3].scatter([cert], [clean], color=color, label=label)
+            axes[3].annotate(label, (cert, clean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    titles = ["test accuracy % (first 1000 points)", "training eps", "training loss",
+              "trade-off: clean vs IBP-certified % (final)"]
+    for k, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_title(title)
-        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[2].set_yscale("log")
+        if k < 3:
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3].set_xlabel("IBP-certified accuracy %")
+    axes[3].set_ylabel("clean accuracy %")
+    if axes[0].lines:
+        axes[0].legend(fontsize=7)
+    if axes[2].lines:
+        axes[2].set_yscale("log")
     fig.tight_layout()
+    return fig
+
+
+def _final_point(d: Path, rows: list[dict]) -> tuple[float | None, float | None]:
+    """(clean, IBP-certified) accuracy of a run: results.json when finished, else its last epoch."""
+    f = d / "results.json"
+    if f.is_file():
+        r = json.loads(f.read_text())
+        if "clean_acc" in r and "ibp_cert_acc" in r:
+            return float(r["clean_acc"]), float(r["ibp_cert_acc"])
+    if rows and "test_clean" in rows[-1]:
+        return float(rows[-1]["test_clean"]), float(rows[-1]["test_ibp_cert"])
+    return None, None
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Training curves of runs (``metrics.csv``; run folders or parent folders) and their clean-vs-certified
+    trade-off, saved as an image (PNG, PDF or SVG by extension)."""
+    import matplotlib.pyplot as plt
+    fig = plot_figure(run_dirs)
     out = Path(out)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -68,5 +68,5 @@ def sweep(configs: list[str | None], seeds: list[int], overrides: list[str], job
             codes = list(pool.map(one, todo))
         failed = [s for s, c in zip(todo, codes) if c != 0]
         if failed:
-            raise RuntimeError(f"{config}: seeds {failed} failed; see their output above")
+            raise TrainingError(f"{config}: seeds {failed} failed; see their output above")
     return done

@@ -27,6 +27,14 @@ def parse_eps(value: float | int | str) -> float:
     raise ValueError(f"eps must be a number or a fraction like 8/255, got {value!r}")
 
 
+def format_eps(eps: float) -> str:
+    """``8/255`` for a whole number of 8-bit pixel levels, else the number (``0.1``)."""
+    k = float(eps) * 255
+    if eps > 0 and abs(k - round(k)) < 1e-6 and abs(float(eps) - round(eps, 4)) > 1e-12:
+        return f"{round(k)}/255"
+    return f"{float(eps):g}"
+
+
 @dataclass(frozen=True)
 class ThreatModel:
     """An l_inf ball of radius ``eps`` (pixel units) intersected with the data range.

@@ -77,4 +77,6 @@ def test_evaluate_with_apgd_is_at_most_pgd_and_at_least_certified():
     x, y = torch.rand(64, 1, 3, 3), torch.randint(0, 4, (64,))
     threat = ThreatModel(0.05)
     a = evaluate(net, x, y, threat, pgd_steps=30, progress=False, attack_name="apgd")
-    assert a["ibp_cert_acc"] <= a["pgd_acc"] <= a["clean_acc"] and a["attack"] == "apgd"
+    assert a["ibp_cert_acc"] <= a["robust_acc"] <= a["clean_acc"] and a["attack"] == "apgd"
+    # the result names the attack that ran: no PGD label on an APGD number
+    assert "pgd_acc" not in a and "pgd_steps" not in a and a["attack_desc"].startswith("APGD-CE + APGD-DLR, 30 steps")

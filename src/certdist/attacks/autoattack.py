@@ -34,6 +34,16 @@ def autoattack_description() -> str:
     return AUTOATTACK_DESCRIPTION.format(version=_torchattacks().__version__)
 
 
+def standard_attacks(model: nn.Module, eps: float, num_classes: int, seed: int = 0) -> list:
+    """The four ``torchattacks`` attacks of the standard AutoAttack, with the reference settings."""
+    ta = _torchattacks()
+    return [ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
+            ta.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=num_classes, seed=seed),
+            ta.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                   n_classes=num_classes, seed=seed),
+            ta.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed)]
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, num_classes: int,
                seed: int = 0) -> torch.Tensor:
     """The standard AutoAttack's worst point per sample of ``x`` (floats in [0, 1]), inside the threat box.
@@ -46,13 +56,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threa
                          f"[{threat.data_min}, {threat.data_max}]")
     if num_classes < 4:  # APGD-T's targeted DLR loss uses the 3rd and 4th largest logits
         raise ValueError(f"AutoAttack (APGD-T, FAB-T) needs at least 4 classes, got {num_classes}; use attack 'apgd'")
-    eps = float(threat.eps)
-    attacks = [ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
-               ta.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=num_classes, seed=seed),
-               ta.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-                      n_classes=num_classes, seed=seed),
-               ta.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed)]
     with torch.enable_grad():
-        x_adv = ta.MultiAttack(attacks)(x, y)
+        x_adv = ta.MultiAttack(standard_attacks(model, float(threat.eps), num_classes, seed))(x, y)
     # torchattacks clips to eps in float arithmetic; project so that every point counted lies in the box
     return threat.project(x_adv.detach(), x)

@@ -89,7 +89,9 @@ def as_certifiable(model: nn.Module) -> CertifiableNet:
         last = type(layers[-1]).__name__ if layers else "nothing"
         raise TypeError(f"the last layer of the network must be an nn.Linear (the classification head that "
                         f"distillation and the margin bounds split off), got {last}")
-    return CertifiableNet(nn.Sequential(*layers[:-1]), layers[-1], "sequential", None)
+    view = CertifiableNet(nn.Sequential(*layers[:-1]), layers[-1], "sequential", None)
+    view.training = view.features.training = model.training  # the mode callers save and restore is the model's
+    return view
 
 
 def _conv_out(size: int, k: int, s: int, p: int) -> int:

@@ -1,0 +1,165 @@
+"""The public API on a plain nn.Sequential, the explicit CROWN method, eps notation, AutoAttack, tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import certdist
+from certdist.models import CertifiableNet, as_certifiable
+from certdist.threats import ThreatModel, format_eps, parse_eps
+
+from conftest import random_net, self_labelled_points
+
+
+def sequential_twin(net: CertifiableNet, nested: bool = False) -> nn.Sequential:
+    """The same layers (shared parameters) as a plain nn.Sequential, optionally with a nested block."""
+    layers = list(net.features)
+    if nested:
+        return nn.Sequential(nn.Sequential(*layers[:3]), *layers[3:], net.head)
+    return nn.Sequential(*layers, net.head)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_every_entry_point_accepts_a_plain_sequential(tmp_path, nested):
+    net = random_net("mlp", 3).eval()
+    seq = sequential_twin(net, nested=nested)
+    x, y = self_labelled_points(net, 12)
+    threat = ThreatModel(0.02)
+    # crown / alpha_crown walk the Sequential's own top-level layers (nested blocks: not yet)
+    fns = (certdist.ibp,) if nested else (certdist.ibp, certdist.crown, certdist.crown_ibp)
+    with torch.no_grad():
+        for fn in fns:
+            torch.testing.assert_close(fn(net, x, threat).lower, fn(seq, x, threat).lower)
+    if not nested:
+        al = certdist.alpha_crown(seq, x, threat, y=y, iterations=3)
+        assert al.lower.shape == (12, 3)
+    ev_net = certdist.evaluation.evaluate(net, x, y, threat, pgd_steps=3, progress=False)
+    ev_seq = certdist.evaluation.evaluate(seq, x, y, threat, pgd_steps=3, progress=False)
+    assert ev_net["clean_acc"] == ev_seq["clean_acc"] == 100.0 and ev_net["ibp_cert_acc"] == ev_seq["ibp_cert_acc"]
+    summary = certdist.certify_dataset(seq, x[:4], y[:4], threat, tmp_path / "c.jsonl", timeout=5, progress=False)
+    assert summary["n"] == 4
+    path = certdist.export_onnx(seq, tmp_path / "seq.onnx", (1, 3, 3))  # checked against torch inside
+    assert path.stat().st_size > 0
+
+
+def test_as_certifiable_shares_parameters_and_refuses_other_chains():
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    view = as_certifiable(seq)
+    assert view.head is seq[3] and view.feature_dim == 3 and view.num_classes == 2 and view.input_spec is None
+    view.eval()
+    assert not seq[1].training  # the view acts on the user's modules
+    seq.eval()
+    assert not as_certifiable(seq).training  # and reports the model's mode (restored after evaluation)
+    x = torch.rand(5, 4)
+    certdist.evaluation.evaluate(seq, x, seq(x).argmax(1), ThreatModel(0.1), pgd_steps=2, progress=False)
+    assert not any(m.training for m in seq.modules())
+    with pytest.raises(TypeError, match="last layer of the network must be an nn.Linear"):
+        as_certifiable(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="expected a CertifiableNet or an nn.Sequential"):
+        as_certifiable(nn.Linear(3, 2))
+
+
+def test_crown_means_full_crown_and_crown_ibp_is_explicit():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))  # 2 hidden layers
+    x = torch.rand(16, 6)
+    threat = ThreatModel(0.1)
+    with torch.no_grad():
+        default = certdist.crown(net, x, threat)
+        full = certdist.crown(net, x, threat, intermediate="crown")
+        cibp = certdist.crown_ibp(net, x, threat)
+    torch.testing.assert_close(default.lower, full.lower)
+    torch.testing.assert_close(default.upper, full.upper)
+    width_full = (full.upper - full.lower).mean()
+    width_cibp = (cibp.upper - cibp.lower).mean()
+    assert width_full < 0.9 * width_cibp  # CROWN-IBP is looser: the default must not silently be it
+
+
+def test_eps_in_the_fields_notation_and_beyond_the_data_range():
+    assert parse_eps("8/255") == pytest.approx(8 / 255) and parse_eps(" 0.1 ") == 0.1 and parse_eps(2) == 2.0
+    assert ThreatModel("8/255").eps == pytest.approx(8 / 255)
+    with pytest.raises(ValueError, match="exceeds the data range"):
+        ThreatModel(8)
+    with pytest.raises(ValueError, match="fraction like 8/255"):
+        parse_eps("8//255")
+    from certdist.config import ConfigError, load_config
+    assert load_config(None, ["eps=8/255"]).eps == pytest.approx(8 / 255)
+    with pytest.raises(ConfigError, match="eps: eps 8 exceeds the data range"):
+        load_config(None, ["eps=8"])
+    with pytest.raises(ConfigError, match=r"eps \* train_eps_mul"):
+        load_config(None, ["eps=0.5", "train_eps_mul=3"])
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.1) == "0.1" and format_eps(0) == "0"
+
+
+def test_cc_dist_method_says_how_to_get_it():
+    from certdist.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"method=cc-ibp distill.teacher="):
+        load_config(None, ["method=cc-dist"])
+
+
+def test_autoattack_is_the_standard_version_and_named_in_the_results():
+    pytest.importorskip("torchattacks")  # installed in CI by the README's test command
+    from certdist.attacks.autoattack import autoattack, standard_attacks
+    net = random_net("mlp", 6).eval()  # 4 classes
+    apgd_ce, apgd_t, fab_t, square = standard_attacks(net, 8 / 255, num_classes=10)
+    assert (apgd_ce.steps, apgd_ce.loss, apgd_ce.n_restarts) == (100, "ce", 1)
+    assert (apgd_t.steps, apgd_t.n_target_classes) == (100, 9)
+    assert (fab_t.steps, fab_t.multi_targeted, fab_t.n_target_classes) == (100, True, 9)
+    assert square.n_queries == 5000
+    x, y = self_labelled_points(net, 24)
+    threat = ThreatModel(0.3)  # large: APGD-CE breaks every point, the later attacks have nothing left
+    r = certdist.evaluation.evaluate(net, x, y, threat, progress=False, attack_name="autoattack")
+    assert r["attack"] == "autoattack" and "pgd_acc" not in r
+    assert r["attack_desc"].startswith("AutoAttack standard (APGD-CE 100 it., APGD-T") and "Square 5000" in r["attack_desc"]
+    assert r["robust_acc"] < r["clean_acc"] == 100.0
+    xa = autoattack(net, x, y, threat, num_classes=4)
+    assert bool(threat.contains(xa, x, tol=0).all()) and xa.min() >= 0 and xa.max() <= 1
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        autoattack(nn.Sequential(nn.Flatten(), nn.Linear(9, 2)), x, y % 2, threat, num_classes=2)
+
+
+def test_table_and_plot_name_the_attack_and_show_the_trade_off(tmp_path):
+    from certdist.reporting import format_table, plot_figure
+    rows = []
+    for seed, (attack, acc) in enumerate([("apgd", 50.0), ("autoattack", 40.0)]):
+        d = tmp_path / "runs" / "r" / f"seed{seed}"
+        d.mkdir(parents=True)
+        res = {"dataset": "synthetic", "arch": "mlp", "method": "ibp", "eps": 8 / 255, "n": 10, "clean_acc": 60.0,
+               "robust_acc": acc, "ibp_cert_acc": 30.0 + seed, "attack": attack,
+               "attack_settings": {"steps": 40} if attack == "apgd" else {"version": "standard"},
+               "config": {"name": "r", "seed": seed}}
+        (d / "results.json").write_text(json.dumps(res))
+        (d / "metrics.csv").write_text("epoch,lr,eps,time_s,train_loss,test_clean,test_ibp_cert\n"
+                                       "1,0.001,0.0,1,2.0,40,10\n2,0.001,0.01,1,1.5,50,20\n3,0.001,0.03,1,1.2,60,30\n")
+        rows.append(res)
+    table = format_table(rows, group=False)
+    assert "PGD %" not in table and "| PGD" not in table and "| APGD-40 | 50.00 |" in table and "| AutoAttack | 40.00 |" in table
+    assert "| 8/255 |" in table
+    fig = plot_figure([tmp_path / "runs"])  # a parent folder, like `table`
+    axes = fig.axes
+    assert len(axes) == 4 and "trade-off" in axes[3].get_title()
+    assert len(axes[3].collections) == 2  # one point per run
+    for ax in axes[:3]:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_the_package_ships_its_yaml_configs():
+    import tomllib
+    from certdist.config import load_config, packaged_configs_dir, resolve_config_path
+    root = Path(__file__).resolve().parents[2]
+    packaged = sorted(p.relative_to(packaged_configs_dir()) for p in packaged_configs_dir().rglob("*.yaml"))
+    in_repo = sorted(p.relative_to(root / "configs") for p in (root / "configs").rglob("*.yaml"))
+    assert packaged and packaged == in_repo
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["certdist"]
+    pkg = root / "src" / "certdist"
+    assert any(list(pkg.glob(g)) and g.endswith(".yaml") for g in globs)
+    # a packaged config is found by name from any folder (non-editable installs)
+    assert resolve_config_path("small/mnist_cc-ibp.yaml").is_file()
+    assert load_config("configs/small/mnist_cc-ibp.yaml").method == "cc-ibp"
