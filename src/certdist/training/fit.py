@@ -101,6 +101,7 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
         if key in options:
             raise TypeError(f"fit() takes the model and the data themselves; the config section {key!r} "
                             "applies to `certdist train` only")
+    options = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # out_dir=Path(...)
     data: dict[str, Any] = {"method": method, "eps": eps, "epochs": epochs, **options}
     if teacher is not None:
         distill = dict(data.get("distill") or {})
