@@ -132,7 +132,6 @@ def test_evaluate_refuses_to_overwrite_before_attacking(run_dir, monkeypatch, ca
 
 
 def test_evaluate_with_autoattack_names_it(run_dir, capsys):
-    pytest.importorskip("torchattacks")
     out = run_dir / "aa.json"
     assert main(["evaluate", "--checkpoint", str(run_dir / "last.pt"), "--attack", "autoattack", "--eps", "80/255",
                  "--limit", "8", "--out", str(out)]) == 0

@@ -102,7 +102,6 @@ def test_cc_dist_method_says_how_to_get_it():
 
 
 def test_autoattack_is_the_standard_version_and_named_in_the_results():
-    pytest.importorskip("torchattacks")  # installed in CI by the README's test command
     from certdist.attacks.autoattack import autoattack, standard_attacks
     net = random_net("mlp", 6).eval()  # 4 classes
     apgd_ce, apgd_t, fab_t, square = standard_attacks(net, 8 / 255, num_classes=10)
