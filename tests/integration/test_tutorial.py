@@ -1,5 +1,5 @@
-"""docs/tutorial.py runs end to end: own nn.Sequential and DataLoader, CC-IBP and CC-Dist training,
-AutoAttack, certification, bounds and export (about 20 s of CPU)."""
+"""The user-facing artefacts run: docs/tutorial.py (own nn.Sequential and DataLoader, CC-IBP and CC-Dist training,
+AutoAttack, certification, bounds, export), the examples of docs/api.md, and the built wheel."""
 from __future__ import annotations
 
 import os
@@ -40,3 +40,24 @@ def test_api_doc_examples_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "net.onnx").is_file() and (tmp_path / "bench" / "instances.csv").is_file()
     assert (tmp_path / "runs" / "cc-dist" / "seed0" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_built_wheel_ships_the_yaml_configs(tmp_path):
+    """`pip wheel .` (a copy of the source tree, installed setuptools, no network) holds every config."""
+    import shutil
+    import zipfile
+    src = tmp_path / "src_tree"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "configs", src / "configs")
+    shutil.copytree(ROOT / "src", src / "src", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "wheel"), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheel, = (tmp_path / "wheel").glob("certdist-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
+    assert configs and {f"certdist/{c}" for c in configs} <= names
