@@ -15,7 +15,7 @@ from certdist.config import from_dict, to_dict
 from certdist.models import as_certifiable
 from certdist.training import checkpoint as ckpt
 from certdist.training.distributed import Dist
-from certdist.training.loop import (TrainingError, _prepare_run_dir, check_runtime, make_teacher, resolve_device,
+from certdist.training.loop import (TrainingError, check_runtime, make_teacher, prepare_run_dir, resolve_device,
                                     run_loop, seed_everything)
 
 
@@ -111,7 +111,7 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     cfg = from_dict(data)
     check_runtime(cfg)
     dd = Dist()
-    run_dir = _prepare_run_dir(cfg, dd, resume, overwrite)
+    run_dir = prepare_run_dir(cfg, dd, resume, overwrite)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)

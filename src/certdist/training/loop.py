@@ -149,7 +149,8 @@ def check_runtime(cfg: RunConfig) -> None:
                                 "or use logger=csv") from None
 
 
-def _prepare_run_dir(cfg: RunConfig, dd: Dist, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(cfg: RunConfig, dd: Dist, resume: bool, overwrite: bool) -> Path:
+    """The run folder, checked: an existing run needs resume or overwrite (its files are then removed)."""
     run_dir = run_dir_for(cfg)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
@@ -172,7 +173,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     run folder. :func:`certdist.fit` runs the same loop on a given model and DataLoader."""
     check_runtime(cfg)
     dd = setup_distributed(cfg.device)
-    run_dir = _prepare_run_dir(cfg, dd, resume, overwrite)
+    run_dir = prepare_run_dir(cfg, dd, resume, overwrite)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device, dd)
