@@ -21,7 +21,6 @@ from certdist.threats import ThreatModel
 
 
 ATTACKS = ("pgd", "apgd", "autoattack")
-ATTACK_LABELS = {"pgd": "PGD", "apgd": "APGD", "autoattack": "AutoAttack"}
 
 
 def attack_description(attack_name: str, steps: int, restarts: int, step_size: float) -> str:
