@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from certdist.models.layers import Normalize
+from certdist.propagation.ibp import check_fixed_batchnorm
 from certdist.threats import ThreatModel
 
 OPSET = 13
@@ -125,6 +126,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     shape = _full_shape(input_shape)
     g = _Graph()
     for m in _layers(net):
+        check_fixed_batchnorm(m)
         _emit(g, m)
     with torch.no_grad():
         out_shape = list(net(torch.zeros(shape)).shape)
