@@ -243,6 +243,8 @@ def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.T
         lbs, ubs = [l[0] for l in lbs], [u[0] for u in ubs]
     else:
         lbs, ubs = root_bounds
+    if not all(bool(torch.isfinite(t).all()) for t in [x_lo, x_hi, *lbs, *ubs]):
+        return BabResult("unknown", -float("inf"), message="non-finite input box or pre-activation bounds")
     result = BabResult("verified", float("inf"))
     tols = torch.as_tensor(tol, dtype=torch.float64).expand(C.shape[0]).tolist()
     for c, t in zip(C.to(torch.float64), tols):

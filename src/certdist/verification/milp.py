@@ -162,17 +162,16 @@ def build(net: DenseNet, x_lo: np.ndarray, x_hi: np.ndarray, lbs: list[np.ndarra
                      np.full(m, -inf), -lu)
         prev = a
     rows.pass_to(h)
-    return Formulation(h, n0, prev, nbin, _unreliable(net, lbs, ubs))
+    return Formulation(h, n0, prev, nbin, _unreliable([*(w.numpy() for w in net.weights),
+                                                       *(b.numpy() for b in net.biases), x_lo, x_hi, *lbs, *ubs]))
 
 
-def _unreliable(net: DenseNet, lbs: list[np.ndarray], ubs: list[np.ndarray]) -> str:
-    """A reason not to trust HiGHS on this program: huge coefficients or bounds (the big-M values are the
-    pre-activation bounds), or non-finite ones."""
-    big = max([float(np.abs(w.numpy()).max(initial=0.0)) for w in net.weights]
-              + [float(np.abs(b.numpy()).max(initial=0.0)) for b in net.biases]
-              + [float(np.abs(v).max(initial=0.0)) for v in [*lbs, *ubs]])
-    if not np.isfinite(big):
-        return "non-finite weights or pre-activation bounds"
+def _unreliable(arrays: list[np.ndarray]) -> str:
+    """A reason not to trust HiGHS on a program with these coefficients and bounds (the big-M values are
+    the pre-activation bounds): non-finite or huge ones."""
+    if not all(np.isfinite(a).all() for a in arrays):
+        return "non-finite weights, input box or pre-activation bounds"
+    big = max(float(np.abs(a).max(initial=0.0)) for a in arrays)
     if big > MAX_COEFFICIENT:
         return (f"big-M coefficients/bounds up to {big:.3g} exceed {MAX_COEFFICIENT:.0e}: HiGHS's tolerances "
                 "cannot give a trustworthy bound (rescale the network)")
