@@ -97,7 +97,8 @@ def test_float32_gap_in_complete_verification(complete, seed):
     net, x, threat, y, exact = _near_tie_mlp(seed, 1e-5)
     assert 0 < exact.lower < 3e-5  # robust in exact arithmetic ...
     g = torch.linspace(-1e-3, 1e-3, 101)
-    grid = torch.from_numpy(exact.x).float().view(1, 2, 1, 1) + torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).view(-1, 2, 1, 1)
+    offsets = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).view(-1, 2, 1, 1)
+    grid = torch.from_numpy(exact.x).float().view(1, 2, 1, 1) + offsets
     with torch.no_grad():
         assert (net(threat.project(grid, x)).argmax(1) != y).any()  # ... but not in float32
     cfg = CertifyConfig(timeout=20, complete=complete, attack_steps=0, restarts=1, alpha_iterations=5)
