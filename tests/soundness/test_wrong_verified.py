@@ -192,7 +192,8 @@ def test_huge_eps_is_not_verified():
     x = torch.zeros(1, 2, 1, 1)
     y = int(net(x).argmax(1))
     for complete in ("bab", "milp"):
-        rec = certify_point(net, x, y, threat, CertifyConfig(timeout=3, complete=complete, attack_steps=0))
+        rec = certify_point(net, x, y, threat, CertifyConfig(timeout=3, complete=complete, attack_steps=0),
+                            dense=dense_from_model(net, (2, 1, 1)))
         assert rec["status"] != "verified", rec
 
 
