@@ -64,6 +64,21 @@ def test_float32_tie_is_not_verified_by_the_bound_stages(tmp_path):
     assert verdicts[0] == verdicts[1] == ("falsified", "attack")  # the pre-pass keeps the verdict
 
 
+def test_the_box_tolerance_of_the_counterexample_check_is_covered():
+    """validate_counterexample accepts points up to 1e-6 outside the box: the tolerance covers them."""
+    net = _net([], 1, 2, 0)
+    x, threat = torch.full((1, 1, 1, 1), 0.6), ThreatModel(0.1)
+    lower = float(threat.box(x).lower)
+    with torch.no_grad():
+        net.head.weight.copy_(torch.tensor([[0.0], [1000.0]]))
+        net.head.bias.copy_(torch.tensor([0.0, -(1000.0 * lower - 5e-4)]))  # margin 5e-4 at the box's edge
+    outside = torch.full((1, 1, 1, 1), lower - 0.9e-6)
+    assert validate_counterexample(net, outside, x, 1, threat)
+    for complete in ("milp", "bab"):
+        rec = certify_point(net, x, 1, threat, CertifyConfig(timeout=3, complete=complete, attack_steps=5))
+        assert rec["status"] != "verified", rec
+
+
 # --- case 2: float32 gap in complete verification -------------------------------------------------
 
 def _min_margin(net: CertifiableNet, x: torch.Tensor, threat: ThreatModel, y: int) -> milp.RowResult:

@@ -179,8 +179,9 @@ def _box64(threat: ThreatModel, x: torch.Tensor) -> Interval:
 
 def tolerance(net64: nn.Module, box64: Interval, C: torch.Tensor) -> torch.Tensor:
     """Per-row float32 tolerance [B, S] of the margins ``C`` [B, S, K] over the box: a row is proved
-    only when its lower bound exceeds it (:func:`certdist.verification.rounding.proved`)."""
-    return margin_tolerance(fp32_error_bound(net64, box64), C)
+    only when its lower bound exceeds it (:func:`certdist.verification.rounding.proved`). It covers
+    float32 evaluation at every point :func:`validate_counterexample` accepts (box tolerance ``CEX_TOL``)."""
+    return margin_tolerance(fp32_error_bound(net64, box64, input_slack=CEX_TOL), C)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -78,14 +78,16 @@ def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
 
 
-def fp32_error_bound(model: nn.Module, box: Interval) -> torch.Tensor:
-    """Per-logit bound ``e`` [B, K] of ``|float32 model(x) - exact model(x)|`` over all ``x`` in ``box``
-    ([B, *input shape], ideally float64; ``model`` in eval mode, of the box's dtype). Infinite or NaN
-    when the box or the network is (then nothing can be proved)."""
+def fp32_error_bound(model: nn.Module, box: Interval, input_slack: float = 0.0) -> torch.Tensor:
+    """Per-logit bound ``e`` [B, K] of ``|float32 model(x') - exact model(x)|`` over all ``x`` in ``box``
+    ([B, *input shape], ideally float64; ``model`` in eval mode, of the box's dtype) and all float32
+    ``x'`` with ``|x' - x| <= input_slack`` (the box tolerance of a counterexample check: the slack
+    enters the recursion as an input error). Infinite or NaN when the box or the network is (then
+    nothing can be proved)."""
     layers = layers_of(model)
     with torch.no_grad():
         _, inter = propagate(layers, box, return_all=True)
-        e = torch.zeros_like(box.lower)
+        e = torch.full_like(box.lower, float(input_slack))
         for m, inp in zip(layers, [box, *inter[:-1]]):
             e = _layer_error(m, inp, e)
     return e
