@@ -54,8 +54,11 @@ class ThreatModel:
             object.__setattr__(self, "eps", parse_eps(self.eps))
         if self.norm != "linf":
             raise ValueError(f"unsupported norm {self.norm!r}; supported: 'linf'")
-        if not isinstance(self.eps, (int, float)) or math.isnan(self.eps) or self.eps < 0:
-            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
+        if not isinstance(self.eps, (int, float)) or not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        if not (math.isfinite(self.data_min) and math.isfinite(self.data_max)):
+            raise ValueError(f"data range must be finite (bounds over an unbounded box are inf/NaN), got "
+                             f"[{self.data_min}, {self.data_max}]")
         if not self.data_min < self.data_max:
             raise ValueError(f"data range must satisfy data_min < data_max, got [{self.data_min}, {self.data_max}]")
         check_eps_in_range(self.eps, self.data_min, self.data_max)
@@ -66,8 +69,8 @@ class ThreatModel:
     def box(self, x: torch.Tensor, eps: float | None = None) -> Interval:
         """The input box ``[clip(x - eps), clip(x + eps)]`` as an :class:`Interval`."""
         e = self.eps if eps is None else eps
-        if e < 0:
-            raise ValueError(f"eps must be >= 0, got {e}")
+        if not (math.isfinite(e) and e >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {e}")
         return Interval(
             (x - e).clamp(self.data_min, self.data_max),
             (x + e).clamp(self.data_min, self.data_max),

@@ -115,8 +115,8 @@ def test_resume_skips_decided_points(net_data, tmp_path, monkeypatch):
         f.write('{"index": 6, "label": 0, "sta')  # a record cut by a killed run
     import certdist.verification.certify as cert
     calls = []
-    orig = cert.certify_point
-    monkeypatch.setattr(cert, "certify_point", lambda *a, **k: calls.append(a[5]) or orig(*a, **k))
+    orig = cert.certify_prepared
+    monkeypatch.setattr(cert, "certify_prepared", lambda *a, **k: calls.append(a[5]) or orig(*a, **k))
     summary = certify_dataset(net, X, Y, threat, out, limit=10, **FAST)
     assert set(calls) <= {6, 7, 8, 9}  # points 0-5 are not redone (6-9: those IBP did not decide)
     assert out.read_text().startswith(first)

@@ -86,10 +86,26 @@ def _avgpool(m: nn.AvgPool2d, inp: Interval, ref):
     return inp.map(m), (None if ref is None else m(ref))
 
 
+def check_fixed_batchnorm(m: nn.Module, eval_mode: bool = False) -> None:
+    """Raise ValueError on an eval-mode BatchNorm without running statistics (``eval_mode``: judge the
+    layer as if in eval mode, whatever its flag): it normalises every batch with that batch's own
+    statistics, so the network is not a fixed function of one input and no bound, verdict or export of
+    it can hold for the inputs a user will feed it."""
+    if (isinstance(m, nn.modules.batchnorm._BatchNorm) and (eval_mode or not m.training)
+            and not m.track_running_stats):
+        raise ValueError(
+            f"{type(m).__name__}({m.num_features}) has track_running_stats=False: in eval mode it still "
+            "normalises with the statistics of whatever batch it gets, so the network is not a fixed function "
+            "of its input and cannot be bounded, verified or exported; train it with "
+            "track_running_stats=True (or replace it by a fixed affine map)")
+
+
 def batchnorm_affine(m: nn.modules.batchnorm._BatchNorm, ref: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel ``(scale, shift)`` BatchNorm applies: running stats in eval mode, the clean
-    batch's statistics (``ref``) in training mode."""
-    if m.training or not m.track_running_stats:
+    batch's statistics (``ref``) in training mode. An eval-mode layer without running statistics is
+    refused (:func:`check_fixed_batchnorm`)."""
+    check_fixed_batchnorm(m)
+    if m.training:
         if ref is None:
             raise ValueError(
                 f"{type(m).__name__} in training mode needs the clean activations to take its batch "

@@ -8,9 +8,11 @@ pre-activations given the splits, when the backward matrices fit in ``MAX_REFINE
 the margin, CROWN and ``alpha_steps`` of projected Adam on the lower slopes and on Lagrange multipliers
 of the split constraints: alpha-beta-CROWN, Wang et al. 2021) and
 
-- drops a child whose bound is > 0 or whose bounds are contradictory (``l > u``: empty domain);
-- evaluates the network at the minimiser of the child's linear bound; a misclassified point that the
-  caller's ``check`` validates ends the search (falsified);
+- drops a child whose bound exceeds the row's float32 tolerance ``tol`` (the one acceptance rule of
+  :func:`certdist.verification.rounding.proved`; a NaN bound proves nothing) or whose bounds are
+  contradictory (``l > u``: empty domain);
+- evaluates the network at the minimiser of the child's linear bound; a point whose margin is below
+  the tolerance and that the caller's ``check`` validates ends the search (falsified);
 - solves a child with no unstable ReLU left exactly (an LP, :mod:`certdist.verification.milp`), which
   makes the search complete: every leaf is decided.
 
@@ -30,6 +32,7 @@ import torch
 
 from certdist.verification import milp
 from certdist.verification.dense import DenseNet, backward_lower, crown_bounds
+from certdist.verification.rounding import proved
 
 
 MAX_REFINE_BYTES = 256 * 1024 ** 2
@@ -119,13 +122,14 @@ class _RowSearch:
     """Branch and bound for one margin row ``c`` (``c^T logits > 0`` on the box)."""
 
     def __init__(self, net: DenseNet, c: torch.Tensor, x_lo, x_hi, check, batch: int, alpha_steps: int,
-                 alpha_lr: float, deadline: float) -> None:
-        self.net, self.c, self.x_lo, self.x_hi, self.check = net, c, x_lo, x_hi, check
+                 alpha_lr: float, deadline: float, tol: float = 0.0) -> None:
+        self.net, self.c, self.x_lo, self.x_hi, self.check, self.tol = net, c, x_lo, x_hi, check, tol
         self.batch, self.alpha_steps, self.alpha_lr, self.deadline = batch, alpha_steps, alpha_lr, deadline
         self.heap: list = []
         self.counter = itertools.count()
         self.domains = 0
         self.unresolved = 0
+        self.leaf_message = ""
         self.counterexample: torch.Tensor | None = None
         self.proved = float("inf")  # smallest bound of a domain proved safe
 
@@ -148,10 +152,11 @@ class _RowSearch:
         return lower, res.minimiser[:, 0], res.scores
 
     def try_points(self, xs: torch.Tensor) -> bool:
-        """Validate the points whose margin is negative in the dense network; True on a counterexample."""
+        """Validate the points whose margin in the dense network is below the tolerance (float32 may
+        misclassify them); True on a counterexample."""
         margins = self.net.forward(xs) @ self.c
         for i in torch.argsort(margins).tolist():
-            if margins[i] >= 0:
+            if not margins[i] < self.tol:
                 break
             cex = self.check(xs[i])
             if cex is not None:
@@ -163,20 +168,23 @@ class _RowSearch:
         """Decide a domain without unstable ReLUs by an LP; True on a counterexample."""
         form = milp.build(self.net, self.x_lo[0].numpy(), self.x_hi[0].numpy(), [l.numpy() for l in lbs],
                           [u.numpy() for u in ubs])
-        row = milp.solve_row(form, self.net, self.c.numpy(), max(self.deadline - time.monotonic(), 1e-3))
+        row = milp.solve_row(form, self.net, self.c.numpy(), max(self.deadline - time.monotonic(), 1e-3),
+                             tol=self.tol)
         if row.status == "verified":
             self.proved = min(self.proved, row.lower)
             return False
         if row.x is not None and self.try_points(torch.from_numpy(row.x).unsqueeze(0)):
             return True
-        self.unresolved += 1  # a tie at margin 0 or a numerical disagreement: cannot be decided
+        self.unresolved += 1  # a margin within the tolerance or a solver failure: cannot be decided
+        self.leaf_message = self.leaf_message or row.message
         return False
 
     def process(self, lbs, ubs, splits, lower, minimisers, scores) -> bool:
         """Prune, check and queue bounded domains; True when a counterexample was found."""
         empty = torch.stack([(l > u + 1e-9).any(1) for l, u in zip(lbs, ubs)]).any(0) if lbs else \
             torch.zeros(len(lower), dtype=torch.bool)
-        open_ = (~empty) & (lower <= 0)
+        lower = torch.nan_to_num(lower, nan=-float("inf"))  # NaN proves nothing (and would break the heap)
+        open_ = (~empty) & ~proved(lower, self.tol)
         if ((~empty) & ~open_).any():
             self.proved = min(self.proved, float(lower[(~empty) & ~open_].min()))
         if open_.any() and self.try_points(minimisers[open_]):
@@ -210,16 +218,19 @@ class _RowSearch:
             if self.process(c_l, c_u, c_s, lower, mins, scores):
                 return BabResult("falsified", -float("inf"), self.counterexample, self.domains)
         if self.unresolved:
+            why = f" ({self.leaf_message})" if self.leaf_message else ""
             return BabResult("unknown", -float("inf"), None, self.domains,
-                             f"{self.unresolved} leaf domains with margin ~0 could not be decided")
+                             f"{self.unresolved} leaf domains with a margin within the float32 tolerance "
+                             f"could not be decided{why}")
         return BabResult("verified", self.proved, None, self.domains)
 
 
 def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor, time_limit: float,
                check: Callable[[torch.Tensor], torch.Tensor | None], batch: int = 64, alpha_steps: int = 20,
-               alpha_lr: float = 0.1, root_bounds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-               ) -> BabResult:
-    """Decide ``C logits > 0`` on the box ``[x_lo, x_hi]`` (flat [n_0]; ``C``: [S, K]) row by row.
+               alpha_lr: float = 0.1, root_bounds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+               tol: torch.Tensor | float = 0.0) -> BabResult:
+    """Decide ``C logits > tol`` on the box ``[x_lo, x_hi]`` (flat [n_0]; ``C``: [S, K]) row by row;
+    ``tol`` ([S] or a number): the float32 tolerance of each row (:mod:`certdist.verification.rounding`).
 
     ``check(x)`` receives a candidate input (flat float64) and returns the validated counterexample or
     ``None``. ``root_bounds``: pre-activation bounds (flat [n_k] per ReLU layer), default dense CROWN.
@@ -232,9 +243,12 @@ def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.T
         lbs, ubs = [l[0] for l in lbs], [u[0] for u in ubs]
     else:
         lbs, ubs = root_bounds
+    if not all(bool(torch.isfinite(t).all()) for t in [x_lo, x_hi, *lbs, *ubs]):
+        return BabResult("unknown", -float("inf"), message="non-finite input box or pre-activation bounds")
     result = BabResult("verified", float("inf"))
-    for c in C.to(torch.float64):
-        row = _RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline).run(lbs, ubs)
+    tols = torch.as_tensor(tol, dtype=torch.float64).expand(C.shape[0]).tolist()
+    for c, t in zip(C.to(torch.float64), tols):
+        row = _RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline, t).run(lbs, ubs)
         result.domains += row.domains
         if row.status == "falsified":
             return BabResult("falsified", row.lower, row.counterexample, result.domains)

@@ -4,22 +4,33 @@ Per point, in order (the first conclusive stage ends the point):
 
 1. ``clean``: the eval-mode network misclassifies ``x`` -> ``misclassified``;
 2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
-3. ``ibp`` -> ``crown`` -> ``alpha-crown``: a lower bound > 0 on every margin -> ``verified``;
+3. ``ibp`` -> ``crown`` -> ``alpha-crown``: every margin proved -> ``verified``;
 4. complete verification with the time left (``bab`` or ``milp``, chosen by size under
    ``complete="auto"``) -> ``verified`` / ``falsified``;
-5. otherwise ``unknown`` (timeout, or complete verification disabled/unavailable).
+5. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
+   float32 tolerance that no counterexample realises).
 
-Every counterexample (from the attack, BaB or the MILP) is re-checked on the eval-mode torch model
-before it is reported: inside the box (tolerance 1e-6), inside the data range and misclassified.
+Soundness policy (docs/method.md): the bounds are computed in float64 on a float64 copy of the
+eval-mode network over the float32 input box, and a margin row counts as proved only when its lower
+bound exceeds the row's float32 tolerance (:mod:`certdist.verification.rounding`: how far the float32
+network's logits can be from the exact ones anywhere in the box); NaN proves nothing. The same rule
+holds in every stage, in the batched pre-pass, in BaB pruning and in the MILP. A network that is not a
+fixed function in eval mode (BatchNorm without running statistics) is refused.
+
+Every counterexample (from the attack, BaB or the MILP) is re-checked on the eval-mode float32 torch
+model before it is reported: inside the box (tolerance 1e-6), inside the data range and misclassified.
 The network is always verified in eval mode, on a copy: the caller's model and its mode are untouched.
 
-Results go to a JSON-lines file, one record per point, flushed as soon as the point is decided; a
-rerun skips the points already in the file (resume) and ``shard=(i, n)`` takes the points with
-``index % n == i``; :func:`merge` combines shard files into one summary.
+Results go to a JSON-lines file, one record per point, flushed as soon as the point is decided; every
+record carries the hashes of the model state and of the data and the verdict-relevant settings, and a
+rerun skips the points already in the file (resume) only when they match (else it refuses);
+``shard=(i, n)`` takes the points with ``index % n == i``; :func:`merge` combines shard files into one
+summary.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -33,12 +44,14 @@ import torch
 from torch import nn
 
 from certdist.attacks.pgd import pgd
-from certdist.propagation.ibp import exact_fp32, ibp
+from certdist.bounds import Interval
+from certdist.propagation.ibp import check_fixed_batchnorm, exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 from certdist.verification.bab import bab_verify
 from certdist.verification.dense import DenseNet, TooLargeError, count_unstable, crown_bounds, dense_from_model
 from certdist.verification.milp import milp_verify
+from certdist.verification.rounding import fp32_error_bound, margin_tolerance, proved
 
 STATUSES = ("misclassified", "falsified", "verified", "unknown")
 COMPLETE_METHODS = ("auto", "bab", "milp", "none")
@@ -92,6 +105,14 @@ class CertifyConfig:
     batched_ibp: bool = True
     batch_size: int = 256
 
+    # fields that cannot change a verdict (only where files go and how the work is batched)
+    NOT_VERDICT_RELEVANT = ("counterexample_dir", "batched_ibp", "batch_size", "milp_threads")
+
+    def verdict_settings(self) -> dict[str, Any]:
+        """The fields that can change a verdict, as saved in every record (resume refuses others)."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self) if f.name not in self.NOT_VERDICT_RELEVANT}
+
     def __post_init__(self) -> None:
         if self.complete not in COMPLETE_METHODS:
             raise ValueError(f"unknown complete method {self.complete!r}; known: {', '.join(COMPLETE_METHODS)}")
@@ -102,15 +123,69 @@ class CertifyConfig:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Counterexamples.
+# The networks a point is verified on.
 
 def eval_copy(model: nn.Module) -> nn.Module:
-    """A frozen eval-mode copy (BatchNorm with running statistics); the caller's model is untouched."""
+    """A frozen eval-mode copy (BatchNorm with running statistics); the caller's model is untouched.
+    Raises ValueError on a BatchNorm without running statistics (not a fixed function in eval mode)."""
     twin = copy.deepcopy(model).eval()
+    for m in twin.modules():
+        check_fixed_batchnorm(m)
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
 
+
+@dataclass
+class Verifier:
+    """What the pipeline runs on: the eval-mode float32 network that verdicts are about (``net``), its
+    float64 copy that every bound is computed on (``net64``), and the dense form for complete
+    verification (or a string saying why it is unavailable). Build it with :func:`prepare`."""
+
+    net: nn.Module
+    net64: nn.Module
+    dense: DenseNet | str
+
+
+def prepare(model: nn.Module, input_shape: tuple[int, ...], cfg: CertifyConfig,
+            dense: DenseNet | str | None = None) -> Verifier:
+    """Eval-mode copies of ``model`` (float32 and float64) and its dense form (``dense`` if given)."""
+    net = eval_copy(model)
+    net64 = copy.deepcopy(net).double()
+    return Verifier(net, net64, _dense_or_reason(net, input_shape, cfg) if dense is None else dense)
+
+
+class _FixedBox:
+    """The threat model with its box fixed to the float32 box cast to float64: bounds in float64 must
+    cover every float32 point that :func:`validate_counterexample` accepts, and the float32 box
+    ``clip(x -/+ eps)`` differs from the float64 one by its rounding."""
+
+    def __init__(self, threat: ThreatModel, box: Interval) -> None:
+        self.threat, self.fixed = threat, box
+
+    def box(self, x: torch.Tensor, eps: float | None = None) -> Interval:
+        if eps is not None and eps != self.threat.eps:
+            raise ValueError(f"the box is fixed at eps={self.threat.eps}, got eps={eps}")
+        return self.fixed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.threat, name)
+
+
+def _box64(threat: ThreatModel, x: torch.Tensor) -> Interval:
+    box = threat.box(x)
+    return Interval(box.lower.to(torch.float64), box.upper.to(torch.float64))
+
+
+def tolerance(net64: nn.Module, box64: Interval, C: torch.Tensor) -> torch.Tensor:
+    """Per-row float32 tolerance [B, S] of the margins ``C`` [B, S, K] over the box: a row is proved
+    only when its lower bound exceeds it (:func:`certdist.verification.rounding.proved`). It covers
+    float32 evaluation at every point :func:`validate_counterexample` accepts (box tolerance ``CEX_TOL``)."""
+    return margin_tolerance(fp32_error_bound(net64, box64, input_slack=CEX_TOL), C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Counterexamples.
 
 def validate_counterexample(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: int,
                             threat: ThreatModel, tol: float = CEX_TOL) -> bool:
@@ -187,12 +262,13 @@ def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: "_Point | 
     return None
 
 
-def _bound_stages(model, x, y_t, threat, C, cfg: CertifyConfig, p: _Point) -> tuple[str | None, torch.Tensor]:
-    """IBP, CROWN, alpha-CROWN in turn; returns (proving stage or None, best lower bound per row [S])."""
+def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point) -> tuple[str | None, torch.Tensor]:
+    """IBP, CROWN, alpha-CROWN in float64 in turn on ``box`` (a :class:`_FixedBox`); returns (proving
+    stage or None, best lower bound per row [S]). A stage proves the point when every row is proved."""
     with torch.no_grad():
-        best = _finite_or_minus_inf(ibp(model, x, threat, C=C).lower[0])
+        best = _finite_or_minus_inf(ibp(net64, x64, box, C=C).lower[0])
     p.margins["ibp"] = float(best.min())
-    if best.min() > 0:
+    if proved(best, tol).all():
         return "ibp", best
     pre = None
     for stage in ("crown", "alpha-crown"):
@@ -206,14 +282,14 @@ def _bound_stages(model, x, y_t, threat, C, cfg: CertifyConfig, p: _Point) -> tu
         p.stage = stage
         with torch.no_grad():
             if stage == "crown":
-                out, pre = fn(model, x, threat, C=C, intermediate="crown", bound_upper=False, return_intermediate=True)
+                out, pre = fn(net64, x64, box, C=C, intermediate="crown", bound_upper=False, return_intermediate=True)
             else:
-                out = fn(model, x, threat, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
+                out = fn(net64, x64, box, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
                          intermediate="crown", intermediate_bounds=pre, bound_upper=False)
         low = _finite_or_minus_inf(out.lower[0].detach())
         p.margins[stage] = float(low.min())
         best = torch.maximum(best, low)
-        if low.min() > 0:
+        if proved(best, tol).all():
             return stage, best
     return None, best
 
@@ -223,10 +299,10 @@ def _finite_or_minus_inf(bound: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(bound, nan=-float("inf"), posinf=-float("inf"))
 
 
-def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, cfg: CertifyConfig, p: _Point):
+def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, tol_rows, cfg: CertifyConfig, p: _Point):
     """BaB or MILP on the rows not yet proved; returns (status, stage, counterexample, extra)."""
-    box = threat.box(x)
-    lo, hi = box.lower.to(torch.float64).view(1, -1), box.upper.to(torch.float64).view(1, -1)
+    box = _box64(threat, x)
+    lo, hi = box.lower.view(1, -1), box.upper.view(1, -1)
     lbs, ubs = crown_bounds(dense, lo, hi)
     lbs, ubs = [l[0] for l in lbs], [u[0] for u in ubs]
     unstable = count_unstable(lbs, ubs)
@@ -236,11 +312,12 @@ def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, cfg: CertifyCon
     check = _candidate_checker(model, x, y, threat)
     p.stage = method
     if method == "milp":
-        res = milp_verify(dense, lo[0], hi[0], C_rows, lbs, ubs, max(p.left(), 1e-3), check, cfg.milp_threads)
+        res = milp_verify(dense, lo[0], hi[0], C_rows, lbs, ubs, max(p.left(), 1e-3), check, cfg.milp_threads,
+                          tol=tol_rows)
         extra = {"unstable": unstable}
     else:
         res = bab_verify(dense, lo[0], hi[0], C_rows, max(p.left(), 1e-3), check, batch=cfg.bab_batch,
-                         alpha_steps=cfg.bab_alpha_steps, root_bounds=(lbs, ubs))
+                         alpha_steps=cfg.bab_alpha_steps, root_bounds=(lbs, ubs), tol=tol_rows)
         extra = {"unstable": unstable, "domains": res.domains}
     if res.status == "verified":
         p.margins[method] = res.lower
@@ -251,8 +328,21 @@ def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, cfg: CertifyCon
 
 def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
                   index: int = 0, dense: DenseNet | str | None = None) -> dict[str, Any]:
-    """Run the pipeline on one point ``x`` [1, C, H, W] (``model``: the eval-mode copy). ``dense``:
-    the network's dense form for complete verification, or a string saying why it is unavailable."""
+    """Run the pipeline on one point ``x`` [1, C, H, W] of ``model`` (any mode: an eval-mode copy is
+    verified, with TF32 off). ``dense``: the network's dense form for complete verification, or a
+    string saying why it is unavailable; by default it is built from the model (``cfg.max_dense_weights``).
+    To certify many points, build the networks once with :func:`prepare` and call :func:`certify_prepared`."""
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one point x of shape [1, C, H, W], got {tuple(x.shape)}")
+    _check_inputs(x, torch.tensor([int(y)]), threat)
+    with exact_fp32():
+        return certify_prepared(prepare(model, tuple(x.shape[1:]), cfg, dense), x, y, threat, cfg, index)
+
+
+def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
+                     index: int = 0) -> dict[str, Any]:
+    """:func:`certify_point` on networks built by :func:`prepare` (call inside :func:`exact_fp32`)."""
+    model = v.net
     start = time.monotonic()
     p = _Point(index, int(y), start, start + cfg.timeout, {})
     y_t = torch.tensor([int(y)], device=x.device)
@@ -265,20 +355,24 @@ def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel
     if cex is not None:
         return _record(p, "falsified", "attack", cfg, threat.eps, pred, cex, model)
     p.stage = "ibp"
-    C = margin_matrix(y_t, _num_classes(model, x)).to(x.dtype)
-    proved, best = _bound_stages(model, x, y_t, threat, C, cfg, p)
-    if proved is not None:
-        return _record(p, "verified", proved, cfg, threat.eps, pred)
-    if cfg.complete == "none" or isinstance(dense, str) or dense is None:
-        why = "complete verification disabled" if cfg.complete == "none" else (dense or "no dense network")
+    box64 = _box64(threat, x)
+    C = margin_matrix(y_t, _num_classes(model, x)).to(torch.float64)
+    tol = tolerance(v.net64, box64, C)[0]
+    fp = {"fp32_tol": _finite(float(tol.max()))}
+    proved_by, best = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
+    if proved_by is not None:
+        return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
+    dense = v.dense
+    if cfg.complete == "none" or isinstance(dense, str):
+        why = "complete verification disabled" if cfg.complete == "none" else dense
         p.message = (p.message + "; " if p.message else "") + why
-        return _record(p, "unknown", p.stage, cfg, threat.eps, pred)
+        return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
     if p.left() <= 0:
         p.message = f"timeout after {p.stage}"
-        return _record(p, "unknown", p.stage, cfg, threat.eps, pred)
-    rows = C[0][~(best > 0)]  # NaN-safe: a row is dropped only when it is proved
-    status, stage, cex, extra = _complete(model, dense, x, int(y), threat, rows, cfg, p)
-    return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **extra)
+        return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
+    open_rows = ~proved(best, tol)  # NaN-safe: a row is dropped only when it is proved
+    status, stage, cex, extra = _complete(model, dense, x, int(y), threat, C[0][open_rows], tol[open_rows], cfg, p)
+    return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **fp, **extra)
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -359,7 +453,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
-    """Summary of several shard files; ValueError on a point present twice or on differing eps."""
+    """Summary of several shard files; ValueError on a point present twice, on differing eps or on
+    records of different models, data or settings."""
     seen: dict[int, str] = {}
     records = []
     for path in paths:
@@ -371,7 +466,66 @@ def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
     eps = {r.get("eps") for r in records}
     if len(eps) > 1:
         raise ValueError(f"cannot merge results for different eps: {sorted(eps, key=str)}")
+    for key in FINGERPRINT_KEYS:
+        if len({json.dumps(r.get(key), sort_keys=True) for r in records}) > 1:
+            raise ValueError(f"cannot merge results of different runs: the records differ in {key!r}")
     return summarize(sorted(records, key=lambda r: r["index"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprints: which model, data and settings a record's verdict is about.
+
+FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings")
+
+
+def _hash_tensors(h, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 (first 16 hex digits) of the architecture (``repr``) and every parameter and buffer."""
+    h = hashlib.sha256(repr(model).encode())
+    _hash_tensors(h, model.state_dict().items())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
+                cfg: CertifyConfig) -> dict[str, Any]:
+    """What every record carries so that a resume never mixes verdicts of different runs."""
+    h = hashlib.sha256()
+    _hash_tensors(h, [("images", images), ("labels", labels)])
+    settings = {"norm": threat.norm, "data_min": threat.data_min, "data_max": threat.data_max,
+                **cfg.verdict_settings()}
+    return {"model_hash": model_hash(model), "data_hash": h.hexdigest()[:16], "settings": settings}
+
+
+def _resume(out: Path, threat: ThreatModel, fp: dict[str, Any]) -> set[int]:
+    _drop_partial_line(out)
+    done = read_records(out)
+    other = {r.get("eps") for r in done} - {threat.eps}
+    if other:
+        raise ValueError(f"{out} holds results for eps {sorted(other, key=str)}, not {threat.eps}; "
+                         "use another output file")
+    fix = "certify into another output file (--out) or delete this one"
+    for r in done:
+        if any(k not in r for k in FINGERPRINT_KEYS):
+            raise ValueError(f"{out}: point {r['index']} has no model/data/settings fingerprint (written by an "
+                             f"older certdist), so its verdict cannot be matched to this run; {fix}")
+        if r["model_hash"] != fp["model_hash"]:
+            raise ValueError(f"{out} holds verdicts of another model (state hash {r['model_hash']}, this model: "
+                             f"{fp['model_hash']}), e.g. of an earlier or retrained checkpoint; {fix}")
+        if r["data_hash"] != fp["data_hash"]:
+            raise ValueError(f"{out} holds verdicts on other data (hash {r['data_hash']}, these images: "
+                             f"{fp['data_hash']}); {fix}")
+        if r["settings"] != fp["settings"]:
+            diff = sorted(set(r["settings"]) | set(fp["settings"]))
+            diff = [f"{k}: {r['settings'].get(k)!r} there, {fp['settings'].get(k)!r} now" for k in diff
+                    if r["settings"].get(k) != fp["settings"].get(k)]
+            raise ValueError(f"{out} holds verdicts made with other settings ({'; '.join(diff)}); {fix}")
+    return {r["index"] for r in done}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,16 +551,6 @@ def _dense_or_reason(model: nn.Module, input_shape: tuple[int, ...], cfg: Certif
         return f"complete verification unavailable: {e}"
 
 
-def _resume(out: Path, threat: ThreatModel) -> set[int]:
-    _drop_partial_line(out)
-    done = read_records(out)
-    other = {r.get("eps") for r in done} - {threat.eps}
-    if other:
-        raise ValueError(f"{out} holds results for eps {sorted(other, key=str)}, not {threat.eps}; "
-                         "use another output file")
-    return {r["index"] for r in done}
-
-
 def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
                     out_path: str | os.PathLike, timeout: float = 10.0, limit: int | None = None,
                     shard: tuple[int, int] = (0, 1), complete: str = "auto", attack_steps: int = 100,
@@ -415,11 +559,13 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     """Certify the first ``limit`` points (all by default) of ``images`` [N, C, H, W] (floats in the
     threat's data range) with ``labels`` [N], appending one JSON line per point to ``out_path``.
 
-    Points already in ``out_path`` are skipped (resume). ``shard=(i, n)`` processes the indices with
-    ``index % n == i``. ``timeout``: seconds per point. ``complete``: ``auto`` | ``bab`` | ``milp`` |
-    ``none``. Other :class:`CertifyConfig` fields can be given as keyword ``options`` (or a whole
-    ``config``, which the explicit arguments then override). Returns :func:`summarize` of all the
-    records in ``out_path`` (this shard's file); print it with :func:`format_summary`."""
+    Points already in ``out_path`` are skipped (resume) when the file's records are of the same model
+    state, data and verdict-relevant settings (:func:`fingerprint`, saved in every record); otherwise
+    ValueError. ``shard=(i, n)`` processes the indices with ``index % n == i``. ``timeout``: seconds per
+    point. ``complete``: ``auto`` | ``bab`` | ``milp`` | ``none``. Other :class:`CertifyConfig` fields
+    can be given as keyword ``options`` (or a whole ``config``, which the explicit arguments then
+    override). Returns :func:`summarize` of the records of the points asked for (this shard's among the
+    first ``limit``; none for ``limit=0``); print it with :func:`format_summary`."""
     i_shard, n_shard = shard
     if not (n_shard >= 1 and 0 <= i_shard < n_shard):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
@@ -430,20 +576,26 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     cfg = replace(config or CertifyConfig(), timeout=float(timeout), complete=complete,
                   attack_steps=attack_steps, restarts=restarts, **options)
     _check_inputs(images, labels, threat)
-    n = images.shape[0] if limit is None else min(int(limit), images.shape[0])
+    n = images.shape[0] if limit is None else max(0, min(int(limit), images.shape[0]))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = _resume(out, threat)
-    todo = [i for i in range(n) if i % n_shard == i_shard and i not in done]
-    net = eval_copy(model)
-    dense = _dense_or_reason(net, tuple(images.shape[1:]), cfg) if todo else None
+    verifier = prepare(model, tuple(images.shape[1:]), cfg, "not needed")  # refuses non-fixed networks early
+    fp = fingerprint(verifier.net, images, labels, threat, cfg)
+    done = _resume(out, threat, fp)
+    mine = [i for i in range(n) if i % n_shard == i_shard]
+    todo = [i for i in mine if i not in done]
+    if todo:
+        verifier.dense = _dense_or_reason(verifier.net, tuple(images.shape[1:]), cfg)
     with exact_fp32():
-        _run(net, images, labels, threat, cfg, out, todo, dense, progress)
-    return summarize(read_records(out))
+        _run(verifier, images, labels, threat, cfg, out, todo, fp, progress)
+    mine_set = set(mine)  # the summary is of the points asked for (none for limit=0), not of the whole file
+    return summarize(r for r in read_records(out) if r["index"] in mine_set)
 
 
-def _batched_ibp(net, images, labels, threat, cfg: CertifyConfig, todo: list[int]) -> dict[int, dict[str, Any]]:
-    """Records of the points decided by the clean prediction or by IBP, computed in batches."""
+def _batched_ibp(v: Verifier, images, labels, threat, cfg: CertifyConfig, todo: list[int]) -> dict[int, dict[str, Any]]:
+    """Records of the points decided by the clean prediction or by IBP, computed in batches, with the
+    per-point rules: the clean prediction of a single-point forward pass (a batch may round
+    differently), IBP in float64 on the float32 boxes and the float32 tolerance."""
     decided: dict[int, dict[str, Any]] = {}
     for s in range(0, len(todo), cfg.batch_size):
         idx = todo[s:s + cfg.batch_size]
@@ -451,34 +603,44 @@ def _batched_ibp(net, images, labels, threat, cfg: CertifyConfig, todo: list[int
         x = images[idx]
         y = labels[idx].to(x.device).long()
         with torch.no_grad():
-            pred = net(x).argmax(1)
-            lb = ibp(net, x, threat, C=margin_matrix(y, _num_classes(net, x[:1])).to(x.dtype)).lower.min(dim=1).values
+            pred = v.net(x).argmax(1)
+            for k in torch.nonzero(pred != y).flatten().tolist():  # few: decide them as certify_prepared does
+                pred[k] = v.net(x[k:k + 1]).argmax(1)[0]
+            box64 = _box64(threat, x)
+            C = margin_matrix(y, _num_classes(v.net, x[:1])).to(torch.float64)
+            lower = ibp(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C=C).lower
+            tol = tolerance(v.net64, box64, C)
+            ok = proved(lower, tol).all(dim=1)
         share = (time.monotonic() - start) / len(idx)
         for k, i in enumerate(idx):
             p = _Point(i, int(y[k]), time.monotonic() - share, 0.0, {})
             if int(pred[k]) != int(y[k]):
                 decided[i] = _record(p, "misclassified", "clean", cfg, threat.eps, int(pred[k]))
-            elif lb[k] > 0:
-                p.margins["ibp"] = float(lb[k])
-                decided[i] = _record(p, "verified", "ibp", cfg, threat.eps, int(pred[k]))
+            elif ok[k]:
+                p.margins["ibp"] = float(lower[k].min())
+                decided[i] = _record(p, "verified", "ibp", cfg, threat.eps, int(pred[k]),
+                                     fp32_tol=_finite(float(tol[k].max())))
     return decided
 
 
-def _run(net, images, labels, threat, cfg: CertifyConfig, out: Path, todo: list[int], dense, progress: bool) -> None:
+def _run(v: Verifier, images, labels, threat, cfg: CertifyConfig, out: Path, todo: list[int],
+         fp: dict[str, Any], progress: bool) -> None:
     from tqdm.auto import tqdm
     # the first torch.optim optimiser imports torch._dynamo (seconds): not to be charged to point 0
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     counts = {s: 0 for s in STATUSES}
-    decided = _batched_ibp(net, images, labels, threat, cfg, todo) if cfg.batched_ibp else {}
+    decided = _batched_ibp(v, images, labels, threat, cfg, todo) if cfg.batched_ibp else {}
     with open(out, "a") as f, tqdm(todo, desc="certify", disable=not progress, unit="pt") as bar:
         for i in bar:
-            rec = decided.get(i) or certify_point(net, images[i:i + 1], int(labels[i]), threat, cfg, i, dense)
+            rec = decided.get(i) or certify_prepared(v, images[i:i + 1], int(labels[i]), threat, cfg, i)
+            rec.update(fp)
             f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
             counts[rec["status"]] += 1
-            bar.set_postfix({k[:5]: v for k, v in counts.items()}, refresh=False)
+            bar.set_postfix({k[:5]: c for k, c in counts.items()}, refresh=False)
 
 
-__all__ = ["CertifyConfig", "certify_dataset", "certify_point", "eval_copy", "format_summary", "merge",
-           "read_records", "summarize", "validate_counterexample", "STATUSES", "COMPLETE_METHODS"]
+__all__ = ["CertifyConfig", "Verifier", "certify_dataset", "certify_point", "certify_prepared", "eval_copy",
+           "fingerprint", "format_summary", "merge", "model_hash", "prepare", "read_records", "summarize",
+           "validate_counterexample", "STATUSES", "COMPLETE_METHODS"]

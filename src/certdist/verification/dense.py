@@ -19,6 +19,7 @@ from torch import nn
 
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
+from certdist.propagation.ibp import check_fixed_batchnorm
 
 AFFINE_TYPES: tuple[type, ...] = (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
                                   nn.AvgPool2d, nn.Identity, nn.Dropout)
@@ -73,6 +74,7 @@ def dense_from_model(model: nn.Module, input_shape: tuple[int, ...], max_weights
     layers = flat_layers(model)
     blocks: list[list[nn.Module]] = [[]]
     for m in layers:
+        check_fixed_batchnorm(m, eval_mode=True)  # the dense form is that of the eval-mode network
         if isinstance(m, nn.ReLU):
             blocks.append([])
         elif isinstance(m, AFFINE_TYPES):

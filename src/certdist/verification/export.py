@@ -26,6 +26,7 @@ from torch import nn
 
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
+from certdist.propagation.ibp import check_fixed_batchnorm
 from certdist.threats import ThreatModel
 
 OPSET = 13
@@ -122,6 +123,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     shape = _full_shape(input_shape)
     g = _Graph()
     for m in flat_layers(net):
+        check_fixed_batchnorm(m)
         _emit(g, m)
     with torch.no_grad():
         out_shape = list(net(torch.zeros(shape)).shape)

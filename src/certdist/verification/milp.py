@@ -6,9 +6,14 @@ with pre-activation bounds ``[l, u]`` from IBP/CROWN: for an unstable ReLU ``a =
     a >= z,  a >= 0,  a <= u d,  a <= z - l (1 - d),  d in {0, 1};
 
 a stable one is linear (``a = z`` or ``a = 0``). Each margin ``c^T logits`` is minimised separately;
-a row is verified when HiGHS's dual bound is above ``verify_tol``, and a primal solution with a
-negative margin is only a *candidate* counterexample: the caller's ``check`` (the eval-mode torch
-model) decides. A leaf of branch and bound (all ReLUs fixed) is the same program without integers.
+a row is verified only when HiGHS *proves* a bound (status optimal, or a MIP dual bound at the time
+limit) above the row's tolerance plus ``VERIFY_TOL`` (the tolerance covers float32 evaluation of the
+network, :mod:`certdist.verification.rounding`). Any other status (infeasible: impossible, since the
+clean input is feasible, so a numerical failure; unbounded; errors) gives ``unknown``, and so does a
+program whose big-M coefficients or bounds exceed ``MAX_COEFFICIENT`` (HiGHS's absolute tolerances
+are meaningless there; :attr:`Formulation.unreliable` says why). A primal solution with a negative
+margin is only a *candidate* counterexample: the caller's ``check`` (the eval-mode torch model)
+decides. A leaf of branch and bound (all ReLUs fixed) is the same program without integers.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 from certdist.verification.dense import DenseNet
 
 VERIFY_TOL = 1e-6
+MAX_COEFFICIENT = 1e6
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Formulation:
     n_inputs: int
     out_cols: np.ndarray        # columns of the last ReLU layer's activations (or the inputs)
     num_binaries: int
+    unreliable: str = ""        # why no bound of this program may be trusted ("" if none)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class RowResult:
     lower: float                # proven lower bound of the margin
     value: float | None         # best primal margin found
     x: np.ndarray | None        # input of the best primal solution
+    message: str = ""           # why no bound was proved (solver status, unreliable program)
 
 
 @dataclass
@@ -154,12 +162,26 @@ def build(net: DenseNet, x_lo: np.ndarray, x_hi: np.ndarray, lbs: list[np.ndarra
                      np.full(m, -inf), -lu)
         prev = a
     rows.pass_to(h)
-    return Formulation(h, n0, prev, nbin)
+    return Formulation(h, n0, prev, nbin, _unreliable([*(w.numpy() for w in net.weights),
+                                                       *(b.numpy() for b in net.biases), x_lo, x_hi, *lbs, *ubs]))
+
+
+def _unreliable(arrays: list[np.ndarray]) -> str:
+    """A reason not to trust HiGHS on a program with these coefficients and bounds (the big-M values are
+    the pre-activation bounds): non-finite or huge ones."""
+    if not all(np.isfinite(a).all() for a in arrays):
+        return "non-finite weights, input box or pre-activation bounds"
+    big = max(float(np.abs(a).max(initial=0.0)) for a in arrays)
+    if big > MAX_COEFFICIENT:
+        return (f"big-M coefficients/bounds up to {big:.3g} exceed {MAX_COEFFICIENT:.0e}: HiGHS's tolerances "
+                "cannot give a trustworthy bound (rescale the network)")
+    return ""
 
 
 def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float,
-              target: float | None = None) -> RowResult:
-    """Minimise ``c^T logits``; stop early once a margin below ``target`` is found."""
+              target: float | None = None, tol: float = 0.0) -> RowResult:
+    """Minimise ``c^T logits``; stop early once a margin below ``target`` is found. The row is verified
+    when a proved bound exceeds ``tol + VERIFY_TOL``; ``lower`` is -inf unless HiGHS proved it."""
     import highspy
     h = form.highs
     W, b = net.weights[-1].numpy(), net.biases[-1].numpy()
@@ -171,52 +193,69 @@ def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float
     h.run()
     st = h.getModelStatus()
     info = h.getInfo()
-    if st == highspy.HighsModelStatus.kInfeasible:
-        return RowResult("verified", float("inf"), None, None)
-    has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    S = highspy.HighsModelStatus
+    has_sol = info.primal_solution_status == 2 and st != S.kInfeasible  # kSolutionStatusFeasible
     value = float(info.objective_function_value) if has_sol else None
     x = np.array(h.getSolution().col_value[:form.n_inputs]) if has_sol else None
-    if form.num_binaries == 0:
-        lower = value if st == highspy.HighsModelStatus.kOptimal else -float("inf")
-    else:
+    lower = -float("inf")
+    if form.unreliable:
+        pass
+    elif form.num_binaries == 0:
+        if st == S.kOptimal and value is not None:
+            lower = value
+    elif st in (S.kOptimal, S.kTimeLimit):  # the dual bound is proved
         lower = float(info.mip_dual_bound)
         lower = lower if np.isfinite(lower) else -float("inf")
-    status = "verified" if lower > VERIFY_TOL else ("falsified" if value is not None and value < 0 else "unknown")
-    return RowResult(status, lower, value, x)
+    message = form.unreliable or ("" if st in (S.kOptimal, S.kTimeLimit, S.kObjectiveTarget)
+                                  else f"HiGHS status {h.modelStatusToString(st)!r}: no proved bound")
+    status = "verified" if lower > tol + VERIFY_TOL else ("falsified" if value is not None and value < 0 else "unknown")
+    return RowResult(status, lower, value, x, message)
 
 
 def milp_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor,
                 lbs: list[torch.Tensor], ubs: list[torch.Tensor], time_limit: float,
-                check: Callable[[torch.Tensor], torch.Tensor | None], threads: int = 1) -> MilpResult:
-    """Decide ``C logits > 0`` on the box (flat ``x_lo/x_hi`` [n_0], ``C`` [S, K], bounds [n_k]).
+                check: Callable[[torch.Tensor], torch.Tensor | None], threads: int = 1,
+                tol: torch.Tensor | float = 0.0) -> MilpResult:
+    """Decide ``C logits > tol`` on the box (flat ``x_lo/x_hi`` [n_0], ``C`` [S, K], bounds [n_k];
+    ``tol``: [S] or a number, the float32 tolerance of each row, see :mod:`certdist.verification.rounding`).
 
     ``check(x)`` takes a candidate input (flat, float64) and returns the validated counterexample
-    (in the model's input shape) or ``None``; only validated points are reported as falsified."""
+    (in the model's input shape) or ``None``; only validated points are reported as falsified. Primal
+    points with a margin below the row's tolerance are candidates too (float32 may misclassify them)."""
     deadline = time.monotonic() + time_limit
     form = build(net, x_lo.numpy(), x_hi.numpy(), [l.numpy() for l in lbs], [u.numpy() for u in ubs], threads)
+    tols = torch.as_tensor(tol, dtype=torch.float64).expand(C.shape[0]).tolist()
     res = MilpResult("verified", float("inf"))
-    for c in C.to(torch.float64).numpy():
+    for c, t in zip(C.to(torch.float64).numpy(), tols):
         left = deadline - time.monotonic()
         if left <= 0:
             res.status, res.message = "unknown", "time limit"
-            res.lower = min(res.lower, -float("inf"))
+            res.lower = -float("inf")
             return res
-        row = solve_row(form, net, c, left, target=-VERIFY_TOL)
-        if row.status == "falsified":
-            cex = check(torch.from_numpy(row.x))
-            if cex is None and form.num_binaries and deadline > time.monotonic():  # early stop: solve fully
-                row = solve_row(form, net, c, deadline - time.monotonic())
-                cex = check(torch.from_numpy(row.x)) if row.x is not None and row.value < 0 else None
+        row = solve_row(form, net, c, left, target=-VERIFY_TOL, tol=t)
+        if row.status != "verified":
+            cex = _candidate(row, t, check)
+            if cex is None and row.status == "falsified" and form.num_binaries and deadline > time.monotonic():
+                row = solve_row(form, net, c, deadline - time.monotonic(), tol=t)  # early stop: solve fully
+                cex = _candidate(row, t, check)
             if cex is not None:
                 res.status, res.counterexample = "falsified", cex
                 res.rows.append(row)
                 res.lower = min(res.lower, row.lower)
                 return res
-            row.status = "unknown" if row.lower <= VERIFY_TOL else "verified"
+            if row.status == "falsified":
+                row.status = "unknown"
         res.rows.append(row)
         res.lower = min(res.lower, row.lower)
         if row.status != "verified":
             res.status = "unknown"
-            res.message = "candidate counterexample failed the re-check" if row.value is not None and row.value < 0 \
-                else "time limit"
+            res.message = row.message or ("candidate counterexample failed the re-check"
+                                          if row.value is not None and row.value < t + VERIFY_TOL else "time limit")
     return res
+
+
+def _candidate(row: RowResult, tol: float, check: Callable[[torch.Tensor], torch.Tensor | None]):
+    """The validated counterexample at the row's primal point, if its margin is within the tolerance."""
+    if row.x is None or row.value is None or not row.value < tol + VERIFY_TOL:
+        return None
+    return check(torch.from_numpy(row.x))

@@ -1,0 +1,104 @@
+"""How far the float32 network can be from its exact (real-arithmetic) function over an input box.
+
+The verifier bounds the *exact* function of the network's float32 weights (in float64, whose own
+rounding is ~2^29 times smaller than what is bounded here), but a user runs the float32 network, whose
+rounding can tie or flip a class when the exact margin is tiny (issue 10, case 1). This module gives,
+for every logit, a bound ``e`` with ``|float32 logit - exact logit| <= e`` for *every* float32 input in
+the box, by a forward error recursion over the layers (Higham, *Accuracy and Stability of Numerical
+Algorithms*, 2002, ch. 3): with ``u = 2^-24`` and ``gamma(n) = n u / (1 - n u)``, an affine output
+``sum_i w_i a_i + b`` computed in float32 in any order of summation (with or without FMA) from inputs
+``a^`` with ``|a^ - a| <= e_in`` and ``|a^| <= m`` differs from the exact one by at most
+
+    |W| e_in + gamma(fan_in + 1) (|W| m + |b|),
+
+``m`` taken from interval bounds of the exact activations over the box (plus ``e_in``). ReLU does not
+increase the error, and zeroes it where the pre-activation is ``<= -e_in`` on the whole box. A margin
+row ``c`` is then safe in float32 when its exact lower bound exceeds ``|c|^T e`` (for ``e_y - e_j``:
+``e_y + e_j``; strict, so a float32 tie, which ``argmax`` may break either way, is excluded too).
+
+Assumptions (stated in docs/method.md): each output of a Linear/Conv2d/AvgPool2d is a float32 sum of
+exactly rounded float32 products (direct, im2col/GEMM and blocked kernels; TF32 off, see
+:func:`certdist.propagation.ibp.exact_fp32`; not Winograd/FFT convolutions).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from certdist.bounds import Interval
+from certdist.models.layers import Normalize
+from certdist.propagation.crown import layers_of
+from certdist.propagation.ibp import batchnorm_affine, propagate
+
+UNIT_ROUNDOFF = 2.0 ** -24  # float32
+
+
+def gamma(n: int, u: float = UNIT_ROUNDOFF) -> float:
+    """Higham's ``gamma_n = n u / (1 - n u)``: the relative error bound of ``n`` roundings."""
+    if n * u >= 1:
+        raise ValueError(f"no rounding error bound for {n} operations at unit roundoff {u}")
+    return n * u / (1 - n * u)
+
+
+def _magnitude(iv: Interval, e: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(iv.lower.abs(), iv.upper.abs()) + e
+
+
+def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    """Error bound after layer ``m`` given the exact input interval ``inp`` and the input error ``e``."""
+    if isinstance(m, nn.ReLU):
+        return torch.where(inp.upper + e <= 0, torch.zeros_like(e), e)
+    if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout)):
+        return m(e) if isinstance(m, nn.Flatten) else e
+    mag = _magnitude(inp, e)
+    if isinstance(m, nn.Linear):
+        W = m.weight.abs()
+        b = m.bias.abs() if m.bias is not None else 0.0
+        return F.linear(e, W) + gamma(m.in_features + 1) * (F.linear(mag, W) + b)
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros":
+            raise TypeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
+        W = m.weight.abs()
+        conv = lambda t: F.conv2d(t, W, None, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+        b = m.bias.abs().view(1, -1, 1, 1) if m.bias is not None else 0.0
+        return conv(e) + gamma(W[0].numel() + 1) * (conv(mag) + b)
+    if isinstance(m, Normalize):  # (x - mean) / std: two roundings
+        return (e + gamma(3) * (mag + m.mean.abs())) / m.std
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        # scale = w / sqrt(var + eps) and the shift are themselves rounded: a few more roundings
+        scale, shift = batchnorm_affine(m, None)
+        view = [1, -1] + [1] * (e.dim() - 2)
+        s, t = scale.abs().view(view), shift.abs().view(view)
+        mean = m.running_mean.abs().view(view)
+        return s * e + gamma(12) * (s * (mag + mean) + t)
+    if isinstance(m, nn.AvgPool2d):  # a sum of k*k terms, then one division; weights > 0
+        kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
+        return m(e) + gamma(kh * kw + 2) * m(mag)
+    raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
+
+
+def fp32_error_bound(model: nn.Module, box: Interval, input_slack: float = 0.0) -> torch.Tensor:
+    """Per-logit bound ``e`` [B, K] of ``|float32 model(x') - exact model(x)|`` over all ``x`` in ``box``
+    ([B, *input shape], ideally float64; ``model`` in eval mode, of the box's dtype) and all float32
+    ``x'`` with ``|x' - x| <= input_slack`` (the box tolerance of a counterexample check: the slack
+    enters the recursion as an input error). Infinite or NaN when the box or the network is (then
+    nothing can be proved)."""
+    layers = layers_of(model)
+    with torch.no_grad():
+        _, inter = propagate(layers, box, return_all=True)
+        e = torch.full_like(box.lower, float(input_slack))
+        for m, inp in zip(layers, [box, *inter[:-1]]):
+            e = _layer_error(m, inp, e)
+    return e
+
+
+def margin_tolerance(err: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``|C| err``: the float32 error bound of each specification row (``C`` [B, S, K], ``err`` [B, K])."""
+    return torch.einsum("bsk,bk->bs", C.abs().to(err.dtype), err)
+
+
+def proved(lower: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
+    """The one acceptance rule of every stage: a row is proved iff its (float64) lower bound exceeds the
+    float32 tolerance; NaN proves nothing."""
+    return lower > tol
