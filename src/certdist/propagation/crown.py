@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certdist.bounds import Interval, LinearBounds
+from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
 from certdist.propagation.ibp import batchnorm_affine, needs_ref, rule_for
 from certdist.specs import margin_matrix
@@ -253,11 +254,8 @@ class Chain:
 
 
 def layers_of(model) -> list[nn.Module]:
-    if hasattr(model, "layers"):
-        return list(model.layers())
-    if isinstance(model, nn.Sequential):
-        return list(model)
-    raise TypeError(f"cannot bound {type(model).__name__}: expected a CertifiableNet or an nn.Sequential")
+    """The layer chain of a CertifiableNet or an ``nn.Sequential`` (nested blocks flattened)."""
+    return flat_layers(model)
 
 
 def _is_bn(m: nn.Module) -> bool:
