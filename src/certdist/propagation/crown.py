@@ -679,6 +679,26 @@ def intermediate_bounds_of(chain: Chain, box: Interval, mode: str = "ibp",
     return pre
 
 
+def tighten_intermediate(chain: Chain, box: Interval, pre: dict[int, Interval], start: int = 0,
+                         max_memory: int = DEFAULT_MAX_MEMORY) -> dict[int, Interval]:
+    """Re-bound by CROWN the neurons that ``pre`` leaves unstable in every ReLU at layer index ``>= start``
+    and intersect with ``pre``, ReLU after ReLU (each one uses the tightened bounds of those before it).
+
+    ``pre`` may hold split neurons (``l = 0``: active, ``u = 0``: inactive, as branch and bound passes
+    them): the result then holds where the split constraints hold, like ``pre`` itself. Neurons stable
+    in ``pre`` keep their bounds (their relaxation is exact already)."""
+    out = dict(pre)
+    for i in chain.relus:
+        if i < start or _ibp_exact(chain.layers[:i]):
+            continue
+        _, _, _, unstable = relu_relaxation(out[i])
+        new = _crown_neurons(chain, i, box, out, unstable.flatten(1), max_memory)
+        if new is not None:
+            new = _reshape(new, chain.shapes[i])
+            out[i] = Interval(torch.maximum(out[i].lower, new.lower), torch.minimum(out[i].upper, new.upper))
+    return out
+
+
 def _reshape(iv: Interval, shape: tuple[int, ...]) -> Interval:
     return Interval(iv.lower.view(-1, *shape), iv.upper.view(-1, *shape))
 
