@@ -6,7 +6,8 @@ Per point, in order (the first conclusive stage ends the point):
 2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
 3. ``ibp`` -> ``crown`` -> ``alpha-crown``: a lower bound > 0 on every margin -> ``verified``;
 4. complete verification with the time left (``bab`` or ``milp``, chosen by size under
-   ``complete="auto"``) -> ``verified`` / ``falsified``;
+   ``complete="auto"``; ``chain-bab``, branch and bound on the layer chain, for networks that have no
+   dense form) -> ``verified`` / ``falsified``;
 5. otherwise ``unknown`` (timeout, or complete verification disabled/unavailable).
 
 Every counterexample (from the attack, BaB or the MILP) is re-checked on the eval-mode torch model
@@ -37,6 +38,7 @@ from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 from certdist.verification.bab import bab_verify
+from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import DenseNet, TooLargeError, count_unstable, crown_bounds, dense_from_model
 from certdist.verification.milp import milp_verify
 
@@ -249,6 +251,18 @@ def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, cfg: CertifyCon
     return res.status, method, res.counterexample, extra
 
 
+def _chain_complete(model, x, y: int, threat, C_rows, cfg: CertifyConfig, p: _Point, pred: int) -> dict[str, Any]:
+    """Branch and bound on the layer chain, for networks without a dense form (``chain_bab``)."""
+    p.stage = "chain-bab"
+    res = chain_bab_verify(model, x, threat, C_rows, max(p.left(), 1e-3), _candidate_checker(model, x, y, threat),
+                           batch=cfg.bab_batch, alpha_steps=cfg.bab_alpha_steps)
+    if res.status == "verified":
+        p.margins["chain-bab"] = res.lower
+    if res.message:
+        p.message = res.message
+    return _record(p, res.status, "chain-bab", cfg, threat.eps, pred, res.counterexample, model, domains=res.domains)
+
+
 def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
                   index: int = 0, dense: DenseNet | str | None = None) -> dict[str, Any]:
     """Run the pipeline on one point ``x`` [1, C, H, W] (``model``: the eval-mode copy). ``dense``:
@@ -269,6 +283,8 @@ def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel
     proved, best = _bound_stages(model, x, y_t, threat, C, cfg, p)
     if proved is not None:
         return _record(p, "verified", proved, cfg, threat.eps, pred)
+    if isinstance(dense, str) and cfg.complete in ("auto", "bab") and p.left() > 0:
+        return _chain_complete(model, x, int(y), threat, C[0][~(best > 0)], cfg, p, pred)
     if cfg.complete == "none" or isinstance(dense, str) or dense is None:
         why = "complete verification disabled" if cfg.complete == "none" else (dense or "no dense network")
         p.message = (p.message + "; " if p.message else "") + why
