@@ -5,7 +5,8 @@ conv nets beyond DM-small do not fit. This one works on ``model.layers()`` throu
 engine (:mod:`certdist.propagation.crown`: convolutions stay convolutions, intermediate bounds go
 through windows), in ``dtype`` (default float64, on a copy of the eval-mode model).
 
-A *domain* is the input box with pre-activation bounds per ReLU in which some unstable neurons are
+The root's pre-activation bounds are CROWN's for the neurons IBP leaves unstable, intersected with
+IBP (``intermediate="best"``). A *domain* is the input box with pre-activation bounds per ReLU in which some unstable neurons are
 split (``l = 0``: active, ``u = 0``: inactive). Each step pops the ``batch`` domains with the lowest
 bounds, splits each on the neuron with the largest BaBSR score (Bunel et al. 2020: the coefficient of
 the margin's backward bound on the ReLU output times the chord's intercept ``-l u / (u - l)``, the
@@ -223,7 +224,7 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
         p.requires_grad_(False)
     x = x.to(dtype)
     with torch.no_grad():
-        chain, box, pre = prepare(net, x, threat, None, None, "crown", None, max_memory)
+        chain, box, pre = prepare(net, x, threat, None, None, "best", None, max_memory)
     result = BabResult("verified", math.inf)
     for c in C.to(dtype):
         row = _RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr, deadline,
