@@ -324,10 +324,13 @@ CPU_TENSOR_BYTES = 16 * 1024 ** 2
 
 
 def _chunk_budget(max_memory: int, device: torch.device, tensors: int) -> int:
-    """The bytes one chunk of ``tensors`` backward tensors may take. On the CPU also at most
-    ``CPU_TENSOR_BYTES`` per tensor: larger tensors are fresh ``mmap``s that page-fault on every
-    elementwise operation (several times slower per element than cache-sized, reused ones)."""
-    return max_memory if device.type != "cpu" else min(max_memory, CPU_TENSOR_BYTES * tensors)
+    """The bytes one chunk of ``tensors`` backward tensors may take. On the CPU without autograd also at
+    most ``CPU_TENSOR_BYTES`` per tensor: larger tensors are fresh ``mmap``s that page-fault on every
+    elementwise operation (several times slower per element than cache-sized, reused ones). With
+    autograd (training) every chunk's tensors are kept for the backward pass anyway: no extra cut."""
+    if device.type != "cpu" or torch.is_grad_enabled():
+        return max_memory
+    return min(max_memory, CPU_TENSOR_BYTES * tensors)
 
 
 def bound_spec(chain: Chain, end: int, spec: Callable[[slice, slice], torch.Tensor], num_specs: int,
