@@ -223,14 +223,19 @@ def _relu(m: nn.ReLU, lin: LinearBounds, ctx: LayerContext) -> LinearBounds:
     chord, intercept, adaptive, unstable = relu_relaxation(ctx.pre)
     chord_, adaptive_, unstable_ = chord.unsqueeze(1), adaptive.unsqueeze(1), unstable.unsqueeze(1)
     lA = lb = uA = ub = None
+    # ``A * slope`` with the slope picked by the sign of ``A``, written as ``A * lower + A_part * (chord -
+    # lower)``: no full-size ``where`` (whose backward pass is the most expensive step of CROWN-IBP
+    # training); equal up to one rounding.
     if lin.lA is not None:  # lower bound: lower relaxation where the coefficient is >= 0, chord elsewhere
         lower = _lower_slope(adaptive_, unstable_, ctx.alpha_l)
-        lA = lin.lA * torch.where(lin.lA >= 0, lower, chord_)
-        lb = lin.lb + _dot(lin.lA.clamp(max=0), intercept)
+        neg = lin.lA.clamp(max=0)
+        lA = lin.lA * lower + neg * (chord_ - lower)
+        lb = lin.lb + _dot(neg, intercept)
     if lin.uA is not None:
         lower = _lower_slope(adaptive_, unstable_, ctx.alpha_u)
-        uA = lin.uA * torch.where(lin.uA >= 0, chord_, lower)
-        ub = lin.ub + _dot(lin.uA.clamp(min=0), intercept)
+        pos = lin.uA.clamp(min=0)
+        uA = lin.uA * lower + pos * (chord_ - lower)
+        ub = lin.ub + _dot(pos, intercept)
     return LinearBounds(lA, lb, uA, ub)
 
 
