@@ -69,10 +69,11 @@ def _backward(chain: Chain, box: Interval, pre: Bounds, c: torch.Tensor, alphas:
 
 
 def _bound_domains(chain: Chain, box: Interval, pre: Bounds, splits: dict[int, torch.Tensor], c: torch.Tensor,
-                   steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Lower bound of ``c . logits`` per domain [D] (the best of CROWN and ``steps`` of projected Adam on
-    the lower slopes and split multipliers: alpha-beta-CROWN), the minimiser of CROWN's linear bound over
-    the box [D, *input], and the BaBSR scores per ReLU."""
+                   steps: int, lr: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Lower bound of ``c . logits`` per domain [D] (the best of CROWN and up to ``steps`` of projected Adam
+    on the lower slopes and split multipliers, alpha-beta-CROWN, stopped early once every domain's bound
+    is above ``threshold``), the minimiser of CROWN's linear bound over the box [D, *input], and the
+    BaBSR scores per ReLU."""
     scores: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         lin = _backward(chain, box, pre, c, scores=scores)
@@ -87,13 +88,15 @@ def _bound_domains(chain: Chain, box: Interval, pre: Bounds, splits: dict[int, t
             signs[i] = splits[i].to(box.lower.dtype)
     raw = {i: torch.zeros_like(s).requires_grad_(True) for i, s in signs.items()}
     params = list(alphas.values()) + list(raw.values())
-    if steps > 0 and params:
+    if steps > 0 and params and not bool((best > threshold).all()):
         opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
                 betas = {i: r * signs[i] for i, r in raw.items()}
                 low = _backward(chain, box, pre, c, alphas, betas).concretize(box).lower[:, 0]
                 best = torch.maximum(best, low.detach())
+                if bool((best > threshold).all()):
+                    break
                 opt.zero_grad()
                 (-low.sum()).backward()
                 opt.step()
@@ -128,7 +131,8 @@ class _RowSearch:
     def bound(self, pre: Bounds, splits: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list]:
         D = next(iter(pre.values())).lower.shape[0]
         self.domains += D
-        return _bound_domains(self.chain, self._box(D), pre, splits, self.c, self.alpha_steps, self.alpha_lr)
+        return _bound_domains(self.chain, self._box(D), pre, splits, self.c, self.alpha_steps, self.alpha_lr,
+                              self.threshold)
 
     def try_points(self, xs: torch.Tensor) -> bool:
         """Pass the points with a negative margin to ``check``; True on a validated counterexample."""
