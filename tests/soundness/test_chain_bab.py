@@ -133,3 +133,42 @@ def test_tightened_split_bounds_contain_points_that_satisfy_the_splits(seed):
     for k, i in enumerate(chain.relus):
         a = acts[k][keep]
         assert (a >= tight[i].lower - 1e-5).all() and (a <= tight[i].upper + 1e-5).all(), f"ReLU {k}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_alpha_beta_bound_of_a_split_domain_holds_on_its_points(seed):
+    """The margin bound with fixed or optimised split multipliers holds for every sampled point of the
+    box that satisfies the split constraints, and optimising never loosens it. (A wrong sign of the
+    multiplier term only loosens these bounds; test_chain_bab_agrees_with_milp catches it.)"""
+    from certdist.verification.chain_bab import _backward, _bound_domains
+    net = tiny_conv_net(seed, bn=bool(seed)).double().requires_grad_(False)  # as chain_bab_verify runs it
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed)).double()
+    box = ThreatModel(0.2).box(x)
+    chain = build_chain(net, x)
+    pre = intermediate_bounds_of(chain, box, "crown")
+    first = chain.relus[0]
+    _, _, _, unstable = relu_relaxation(pre[first])
+    idx = torch.nonzero(unstable.flatten()).flatten()[:2]
+    lo, up = pre[first].lower.clone().flatten(), pre[first].upper.clone().flatten()
+    lo[idx[0]], up[idx[1]] = 0.0, 0.0
+    split = dict(pre)
+    split[first] = Interval(lo.view_as(pre[first].lower), up.view_as(pre[first].upper))
+    split = tighten_intermediate(chain, box, split, first + 1)
+    signs = {i: torch.zeros(v.lower.shape, dtype=torch.int8) for i, v in split.items()}
+    signs[first].view(-1)[idx[0]], signs[first].view(-1)[idx[1]] = 1, -1
+    y = int(net(x).argmax(1))
+    pts = sample_box(box.lower[0], box.upper[0], 20000, seed=seed)
+    with torch.no_grad():
+        z = relu_inputs(net, pts)[0].flatten(1)
+        keep = (z[:, idx[0]] >= 0) & (z[:, idx[1]] <= 0)
+        logits = net(pts[keep])
+    assert keep.sum() > 100
+    for c in margin_matrix(torch.tensor([y]), 3)[0].double():
+        for beta in (0.5, 2.0, 8.0):  # fixed multipliers: a bound of c.f - beta s z, below c.f on the domain
+            betas = {first: beta * signs[first].double()}
+            fixed = _backward(chain, box, split, c, betas=betas).concretize(box).lower[0, 0]
+            assert (logits @ c >= fixed - 1e-6).all(), f"beta {beta}: a point of the split domain lies below"
+        plain, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0)
+        opt, _, _ = _bound_domains(chain, box, split, signs, c, 20, 0.1, float("inf"))
+        assert opt[0] >= plain[0] - 1e-9
+        assert (logits @ c >= opt[0] - 1e-6).all(), "a point of the split domain lies below the bound"
