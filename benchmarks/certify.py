@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attack-steps", type=int, default=100)
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--shard", default="0/1", help="i/n: certify the points with index %% n == i")
+    p.add_argument("--max-dense-weights", type=int, default=None,
+                   help="largest dense matrix for BaB/MILP (1: always branch and bound on the layer chain)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON-lines output (default: next to the checkpoint)")
     p.add_argument("--fresh", action="store_true", help="start a new output file instead of resuming")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = certify_dataset(model, images, labels, ThreatModel(float(eps)), out, timeout=args.timeout,
                               limit=args.num_points, shard=(i, n), complete=args.complete,
                               attack_steps=args.attack_steps, restarts=args.restarts,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress,
+                              **({} if args.max_dense_weights is None else {"max_dense_weights": args.max_dense_weights}))
     print(format_summary(summary))
     print(f"IBP-only vs pipeline certified accuracy: {100 * summary['ibp_certified_accuracy']:.2f}% -> "
           f"{100 * summary['certified_accuracy']:.2f}%   (wall {time.monotonic() - start:.1f} s)")

@@ -92,6 +92,28 @@ def test_bab_and_milp_pipelines_agree(net_data, tmp_path):
     assert any(r["stage"] == "milp" for r in milp.values())
 
 
+def test_nets_without_a_dense_form_go_to_chain_bab(net_data, tmp_path):
+    """With no dense form (a tiny weight budget) the hard points go to branch and bound on the layer
+    chain, which reaches the dense BaB's verdicts."""
+    net, X, Y = net_data
+    threat = ThreatModel(0.08)
+    opts = dict(FAST, attack_steps=0, restarts=1, alpha_iterations=0)
+    certify_dataset(net, X, Y, threat, tmp_path / "bab.jsonl", complete="bab", **opts)
+    certify_dataset(net, X, Y, threat, tmp_path / "chain.jsonl", complete="auto", max_dense_weights=1, **opts)
+    bab = {r["index"]: r for r in read_records(tmp_path / "bab.jsonl")}
+    chain = {r["index"]: r for r in read_records(tmp_path / "chain.jsonl")}
+    assert {i: r["status"] for i, r in chain.items()} == {i: r["status"] for i, r in bab.items()}
+    hard = [r for r in chain.values() if r["stage"] == "chain-bab"]
+    assert hard and all(r["status"] in ("verified", "falsified") for r in hard)
+    for r in hard:
+        i = r["index"]
+        if r["status"] == "verified":
+            assert r["margins"]["chain-bab"] > 0 and not _grid_counterexample(net, X[i:i + 1], int(Y[i]), 0.08)
+        else:
+            cex = torch.tensor(r["counterexample"]).view_as(X[i:i + 1])
+            assert validate_counterexample(net, cex, X[i:i + 1], int(Y[i]), threat)
+
+
 def test_train_mode_model_is_verified_in_eval_mode(tmp_path):
     net, X, Y = trained_net(1, bn=True)
     net.train()

@@ -30,7 +30,7 @@ graphs kept for training come on top). On CUDA, cuDNN convolutions use TF32 unle
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -224,14 +224,19 @@ def _relu(m: nn.ReLU, lin: LinearBounds, ctx: LayerContext) -> LinearBounds:
     chord, intercept, adaptive, unstable = relu_relaxation(ctx.pre)
     chord_, adaptive_, unstable_ = chord.unsqueeze(1), adaptive.unsqueeze(1), unstable.unsqueeze(1)
     lA = lb = uA = ub = None
+    # ``A * slope`` with the slope picked by the sign of ``A``, written as ``A * lower + A_part * (chord -
+    # lower)``: no full-size ``where`` (whose backward pass is the most expensive step of CROWN-IBP
+    # training); equal up to one rounding.
     if lin.lA is not None:  # lower bound: lower relaxation where the coefficient is >= 0, chord elsewhere
         lower = _lower_slope(adaptive_, unstable_, ctx.alpha_l)
-        lA = lin.lA * torch.where(lin.lA >= 0, lower, chord_)
-        lb = lin.lb + _dot(lin.lA.clamp(max=0), intercept)
+        neg = lin.lA.clamp(max=0)
+        lA = lin.lA * lower + neg * (chord_ - lower)
+        lb = lin.lb + _dot(neg, intercept)
     if lin.uA is not None:
         lower = _lower_slope(adaptive_, unstable_, ctx.alpha_u)
-        uA = lin.uA * torch.where(lin.uA >= 0, chord_, lower)
-        ub = lin.ub + _dot(lin.uA.clamp(min=0), intercept)
+        pos = lin.uA.clamp(min=0)
+        uA = lin.uA * lower + pos * (chord_ - lower)
+        ub = lin.ub + _dot(pos, intercept)
     return LinearBounds(lA, lb, uA, ub)
 
 
@@ -318,6 +323,19 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+CPU_TENSOR_BYTES = 16 * 1024 ** 2
+
+
+def _chunk_budget(max_memory: int, device: torch.device, tensors: int) -> int:
+    """The bytes one chunk of ``tensors`` backward tensors may take. On the CPU without autograd also at
+    most ``CPU_TENSOR_BYTES`` per tensor: larger tensors are fresh ``mmap``s that page-fault on every
+    elementwise operation (several times slower per element than cache-sized, reused ones). With
+    autograd (training) every chunk's tensors are kept for the backward pass anyway: no extra cut."""
+    if device.type != "cpu" or torch.is_grad_enabled():
+        return max_memory
+    return min(max_memory, CPU_TENSOR_BYTES * tensors)
+
+
 def bound_spec(chain: Chain, end: int, spec: Callable[[slice, slice], torch.Tensor], num_specs: int,
                box: Interval, pre: dict[int, Interval], lower: bool = True, upper: bool = True,
                max_memory: int = DEFAULT_MAX_MEMORY) -> Interval:
@@ -325,7 +343,9 @@ def bound_spec(chain: Chain, end: int, spec: Callable[[slice, slice], torch.Tens
     ``spec(samples, rows) -> [b, s, *shapes[end]]`` chunk by chunk under ``max_memory`` bytes."""
     B = box.lower.shape[0]
     widest = max(int(torch.Size(s).numel()) for s in chain.shapes[:end + 1])
-    per_row = widest * box.lower.element_size() * 4 * (int(lower) + int(upper))
+    tensors = 4 * (int(lower) + int(upper))
+    per_row = widest * box.lower.element_size() * tensors
+    max_memory = _chunk_budget(max_memory, box.lower.device, tensors)
     s_size = max(1, min(num_specs, max_memory // max(1, B * per_row)))
     b_size = B if s_size * B * per_row <= max_memory else max(1, max_memory // (s_size * per_row))
     lows, ups = [], []
@@ -362,7 +382,17 @@ def _ibp_step(chain: Chain, i: int, box: Interval) -> Interval:
 def _crown_neurons(chain: Chain, end: int, box: Interval, pre: dict[int, Interval], select: torch.Tensor | None,
                    max_memory: int) -> Interval | None:
     """CROWN bounds of the neurons of ``layers[:end]``'s output, flattened to [B, n]: all of them, or
-    only those in the boolean mask ``select`` [B, n] (others: +-inf). ``None`` if nothing is selected."""
+    only those in the boolean mask ``select`` [B, n] (others: +-inf). ``None`` if nothing is selected.
+    Feature maps of convolutional chains go through windows (:func:`_crown_neurons_patches`), the rest
+    through dense one-hot specifications (:func:`_crown_neurons_dense`)."""
+    if _patchable(chain, end):
+        return _crown_neurons_patches(chain, end, box, pre, select, max_memory)
+    return _crown_neurons_dense(chain, end, box, pre, select, max_memory)
+
+
+def _crown_neurons_dense(chain: Chain, end: int, box: Interval, pre: dict[int, Interval],
+                         select: torch.Tensor | None, max_memory: int) -> Interval | None:
+    """:func:`_crown_neurons` with one dense one-hot specification row per neuron."""
     B = box.lower.shape[0]
     shape = chain.shapes[end]
     n = int(torch.Size(shape).numel())
@@ -392,6 +422,242 @@ def _crown_neurons(chain: Chain, end: int, box: Interval, pre: dict[int, Interva
     return Interval(lo, up)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Patches: CROWN for the neurons of a convolutional feature map without dense specifications.
+#
+# Every neuron (sample b, channel c, position (oh, ow)) of the feature map ``shapes[end]`` depends on a
+# window of each earlier feature map: positions ``o * S - P + [0, K)`` per spatial axis. Its backward
+# coefficients are kept as that window only, ``[N, C, Kh, Kw]`` for N neurons (one row each), and a
+# convolution maps a window through ``conv_transpose2d`` without padding (``K -> (K - 1) s + d (k - 1) + 1``,
+# ``S -> S s``, ``P -> P s + p``). Per-position tensors (ReLU relaxations, the input box) are cut into the
+# same windows with ``unfold`` (zero padding), so coefficients of positions outside a feature map vanish at
+# the next ReLU or at the input; after a padded convolution they are masked to zero at once, so that bias
+# terms only ever see real neurons. Before the first ReLU the coefficients do not depend on the sample or
+# the position: they are computed once per channel.
+
+_PATCH_LAYERS = (nn.Conv2d, nn.AvgPool2d, nn.ReLU, nn.BatchNorm2d, Normalize)
+
+
+def _patchable(chain: Chain, end: int) -> bool:
+    """Whether the neurons of ``layers[:end]``'s output can be bounded with windows."""
+    if len(chain.shapes[end]) != 3 or len(chain.shapes[0]) != 3:
+        return False
+    for m in chain.layers[:end]:
+        if not isinstance(m, _PATCH_LAYERS):
+            return False
+        if isinstance(m, nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            return False
+        if isinstance(m, nn.AvgPool2d) and (m.ceil_mode or m.divisor_override is not None
+                                            or (not m.count_include_pad and any(_pair(m.padding)))):
+            return False
+    return True
+
+
+def _window_geometry(m: nn.Module) -> tuple[tuple[int, int], ...]:
+    """``(kernel, stride, padding, dilation)`` pairs of a Conv2d or AvgPool2d."""
+    if isinstance(m, nn.Conv2d):
+        return tuple(m.weight.shape[2:]), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+    return _pair(m.kernel_size), _pair(m.stride if m.stride is not None else m.kernel_size), _pair(m.padding), (1, 1)
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Where the windows of a chunk of neuron rows lie, and how the rows are laid out.
+
+    Grid layout (``b is None``): every position of channels ``c`` of ``nb`` consecutive samples; windowed
+    tensors are ``[nb or 1, nc, L or 1, C, Kh, Kw]`` with ``L = H0 W0`` positions. Sparse layout: one
+    row per selected neuron, sample ``b`` (within the chunk), channel ``c``, position ``oh``/``ow`` [N];
+    windowed tensors are ``[N, C, Kh, Kw]``. ``K``, ``S``, ``P``: window size, stride and padding (pairs)
+    on the current feature map."""
+
+    out_hw: tuple[int, int]
+    c: torch.Tensor
+    b: torch.Tensor | None = None
+    oh: torch.Tensor | None = None
+    ow: torch.Tensor | None = None
+    K: tuple[int, int] = (1, 1)
+    S: tuple[int, int] = (1, 1)
+    P: tuple[int, int] = (0, 0)
+
+    def through(self, m: nn.Module) -> "_Windows":
+        k, s, p, d = _window_geometry(m)
+        K = tuple((self.K[j] - 1) * s[j] + d[j] * (k[j] - 1) + 1 for j in range(2))
+        return replace(self, K=K, S=tuple(self.S[j] * s[j] for j in range(2)),
+                       P=tuple(self.P[j] * s[j] + p[j] for j in range(2)))
+
+    def rows(self, A: torch.Tensor) -> torch.Tensor:
+        """The shared-phase windows [C0, C, Kh, Kw] (one per channel) laid out as rows."""
+        A = A[self.c]
+        return A if self.b is not None else A.unsqueeze(0).unsqueeze(2)
+
+    def cut(self, t: torch.Tensor) -> torch.Tensor:
+        """The windows of ``t`` [b, C, H, W] (zero outside the map; ``b = 1``: the same for every sample)
+        in this layout."""
+        C, H, W = t.shape[1:]
+        lh = (H + 2 * self.P[0] - self.K[0]) // self.S[0] + 1
+        lw = (W + 2 * self.P[1] - self.K[1]) // self.S[1] + 1
+        u = F.unfold(t, self.K, padding=self.P, stride=self.S).transpose(1, 2)  # [b, lh * lw, C*Kh*Kw]
+        if self.b is None:
+            h0, w0 = self.out_hw
+            if (lh, lw) != (h0, w0):
+                u = u.reshape(-1, lh, lw, u.shape[-1])[:, :h0, :w0]
+            return u.reshape(-1, 1, h0 * w0, C, *self.K)
+        rows = self.oh * lw + self.ow
+        if t.shape[0] > 1:
+            rows = rows + self.b * (lh * lw)
+        return u.reshape(-1, u.shape[-1])[rows].view(-1, C, *self.K)
+
+    def mask(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """1 on the window positions inside a feature map of ``shape``, 0 outside."""
+        return self.cut(torch.ones((1, 1, *shape[1:]), dtype=like.dtype, device=like.device))
+
+
+def _window_transpose(A: torch.Tensor, w: torch.Tensor, s, groups: int, d) -> torch.Tensor:
+    """``conv_transpose2d`` of windows ``A`` [..., C, Kh, Kw] without padding. Through a layer with few
+    input channels per output (the first convolution of an image net) CPU transposed convolutions are
+    slow: there the window-to-window map (a matrix of ``C Kh Kw`` rows, built once) is a matmul."""
+    lead, n_in = A.shape[:-3], A.shape[-3:].numel()
+    flat = A.reshape(-1, *A.shape[-3:])
+    if w.shape[1] * w.shape[2] * w.shape[3] > 64 or flat.shape[0] < 4 * n_in:
+        out = F.conv_transpose2d(_fast_layout(flat), w, None, s, 0, 0, groups, d).contiguous()
+    else:
+        basis = torch.eye(n_in, dtype=A.dtype, device=A.device).view(n_in, *A.shape[-3:])
+        M = F.conv_transpose2d(basis, w, None, s, 0, 0, groups, d)
+        out = (flat.reshape(-1, n_in) @ M.flatten(1)).view(-1, *M.shape[1:])
+    return out.view(*lead, *out.shape[1:])
+
+
+def _patch_affine(m: nn.Module, i: int, chain: Chain, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One affine layer backwards on windows ``A`` [..., C, Kh, Kw]: the new windows and the bias term."""
+    if isinstance(m, (nn.Conv2d, nn.AvgPool2d)):
+        _, s, _, d = _window_geometry(m)
+        if isinstance(m, nn.Conv2d):
+            w, groups, b = m.weight, m.groups, m.bias
+        else:
+            channels, k = chain.shapes[i][0], _pair(m.kernel_size)
+            w = torch.full((channels, 1, *k), 1.0 / (k[0] * k[1]), dtype=A.dtype, device=A.device)
+            groups, b = channels, None
+        term = None if b is None else A.sum((-1, -2)) @ b
+        return _window_transpose(A, w, s, groups, d), term
+    if isinstance(m, Normalize):
+        scale, shift = 1.0 / m.std.flatten(), (-m.mean / m.std).flatten()
+    else:
+        scale, shift = chain.affine[i]
+    return A * scale.view(-1, 1, 1), A.sum((-1, -2)) @ shift
+
+
+def _add(b: torch.Tensor, term: torch.Tensor | None) -> torch.Tensor:
+    return b if term is None else b + term
+
+
+def _window_dot(A: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum(A * t)`` over the window dimensions; one matmul while ``A`` is still the same for every
+    sample and position (grid layout [1, nc, 1, ...] against ``t`` [b, 1, L, ...])."""
+    if A.dim() == 6 and A.shape[0] == 1 and A.shape[2] == 1 and t.shape[1] == 1:
+        out = t.flatten(3) @ A.flatten(3)[0, :, 0].T  # [b, 1, L, nc]
+        return out.squeeze(1).transpose(1, 2)
+    return (A * t).sum((-1, -2, -3))
+
+
+def _patch_bounds(chain: Chain, end: int, box: Interval, relax: dict[int, tuple], win: _Windows
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CROWN lower and upper bounds of the neurons ``win`` lays out (of ``layers[:end]``'s output).
+    ``box`` and ``relax`` (``(chord, intercept, adaptive lower slope)`` [b, *shape] by ReLU layer index)
+    hold the samples of this chunk."""
+    C0 = chain.shapes[end][0]
+    # shared phase: one row per channel, the same for all samples and positions, until the first ReLU
+    # or the first padded window (whose padding must be masked per position before any bias term)
+    A = torch.eye(C0, dtype=box.lower.dtype, device=box.lower.device).view(C0, C0, 1, 1)
+    bias = torch.zeros(C0, dtype=A.dtype, device=A.device)
+    i = end - 1
+    while i >= 0 and not isinstance(chain.layers[i], nn.ReLU) and not any(win.P):
+        A, term = _patch_affine(chain.layers[i], i, chain, A)
+        bias = _add(bias, term)
+        win = win.through(chain.layers[i]) if isinstance(chain.layers[i], (nn.Conv2d, nn.AvgPool2d)) else win
+        i -= 1
+    lA = uA = win.rows(A)
+    lb = ub = win.rows(bias.view(C0, 1, 1, 1)).squeeze(-1).squeeze(-1).squeeze(-1)
+    if any(win.P):
+        lA = uA = lA * win.mask(chain.shapes[i + 1], lA)
+    for i in range(i, -1, -1):
+        m = chain.layers[i]
+        if isinstance(m, nn.ReLU):
+            chord, intercept, lower = (win.cut(t) for t in relax[i])
+            lb = lb + _window_dot(lA.clamp(max=0), intercept)
+            ub = ub + _window_dot(uA.clamp(min=0), intercept)
+            lA = lA * torch.where(lA >= 0, lower, chord)
+            uA = uA * torch.where(uA >= 0, chord, lower)
+            continue
+        same = lA is uA
+        lA, term = _patch_affine(m, i, chain, lA)
+        lb = _add(lb, term)
+        if same:
+            uA, ub = lA, _add(ub, term)
+        else:
+            uA, term = _patch_affine(m, i, chain, uA)
+            ub = _add(ub, term)
+        if isinstance(m, (nn.Conv2d, nn.AvgPool2d)):
+            win = win.through(m)
+            if any(_window_geometry(m)[2]):  # a padded layer: drop the coefficients of its padding
+                mask = win.mask(chain.shapes[i], lA)
+                lA = lA * mask
+                uA = lA if same else uA * mask
+    center, radius = win.cut(box.center), win.cut(box.radius)
+    lo = _window_dot(lA, center) - _window_dot(lA.abs(), radius) + lb
+    up = _window_dot(uA, center) + _window_dot(uA.abs(), radius) + ub
+    return lo, up
+
+
+def _widest_window(chain: Chain, end: int) -> int:
+    """The largest ``C * Kh * Kw`` of a neuron's window on the way back from ``layers[:end]``."""
+    win = _Windows((1, 1), None)
+    widest = chain.shapes[end][0]
+    for i in range(end - 1, -1, -1):
+        if isinstance(chain.layers[i], (nn.Conv2d, nn.AvgPool2d)):
+            win = win.through(chain.layers[i])
+        widest = max(widest, chain.shapes[i][0] * win.K[0] * win.K[1])
+    return widest
+
+
+def _crown_neurons_patches(chain: Chain, end: int, box: Interval, pre: dict[int, Interval],
+                           select: torch.Tensor | None, max_memory: int) -> Interval | None:
+    """:func:`_crown_neurons` for a convolutional feature map, with windows instead of dense specs."""
+    B = box.lower.shape[0]
+    C0, H0, W0 = chain.shapes[end]
+    L, n = H0 * W0, C0 * H0 * W0
+    dtype, device = box.lower.dtype, box.lower.device
+    relax = {i: relu_relaxation(pre[i])[:3] for i in chain.relus if i < end}
+    per_row = _widest_window(chain, end) * box.lower.element_size() * 12  # ~12 window tensors alive at once
+    rows = max(1, _chunk_budget(max_memory, device, 12) // per_row)
+
+    def run(samples: slice, win: _Windows):
+        return _patch_bounds(chain, end, Interval(box.lower[samples], box.upper[samples]),
+                             {i: tuple(t[samples] for t in r) for i, r in relax.items()}, win)
+
+    if select is None:  # grid layout: all positions of a range of channels of a range of samples
+        lo = torch.empty(B, C0, L, dtype=dtype, device=device)
+        up = torch.empty_like(lo)
+        c_size = max(1, min(C0, rows // L))
+        b_size = max(1, rows // (C0 * L)) if c_size == C0 else 1
+        for bs in _chunks(B, b_size):
+            for cs in _chunks(C0, c_size):
+                lo[bs, cs], up[bs, cs] = run(bs, _Windows((H0, W0), torch.arange(cs.start, cs.stop, device=device)))
+        return Interval(lo.view(B, n), up.view(B, n))
+    rows_b, rows_n = select.nonzero(as_tuple=True)
+    if rows_b.numel() == 0:
+        return None
+    lows, ups = [], []
+    for rs in _chunks(rows_b.numel(), rows):
+        b, k = rows_b[rs], rows_n[rs]
+        samples = slice(int(b[0]), int(b[-1]) + 1)  # rows are sorted by sample
+        lo, up = run(samples, _Windows((H0, W0), k // L, b - samples.start, (k // W0) % H0, k % W0))
+        lows.append(lo)
+        ups.append(up)
+    inf = torch.full((B, n), float("inf"), dtype=dtype, device=device)
+    return Interval((-inf).index_put((rows_b, rows_n), torch.cat(lows)),
+                    inf.index_put((rows_b, rows_n), torch.cat(ups)))
+
+
 def intermediate_bounds_of(chain: Chain, box: Interval, mode: str = "ibp",
                            given: Sequence[Interval | None] | None = None,
                            max_memory: int = DEFAULT_MAX_MEMORY) -> dict[int, Interval]:
@@ -417,6 +683,26 @@ def intermediate_bounds_of(chain: Chain, box: Interval, mode: str = "ibp",
             pre[i] = cur
         cur = _ibp_step(chain, i, cur)
     return pre
+
+
+def tighten_intermediate(chain: Chain, box: Interval, pre: dict[int, Interval], start: int = 0,
+                         max_memory: int = DEFAULT_MAX_MEMORY) -> dict[int, Interval]:
+    """Re-bound by CROWN the neurons that ``pre`` leaves unstable in every ReLU at layer index ``>= start``
+    and intersect with ``pre``, ReLU after ReLU (each one uses the tightened bounds of those before it).
+
+    ``pre`` may hold split neurons (``l = 0``: active, ``u = 0``: inactive, as branch and bound passes
+    them): the result then holds where the split constraints hold, like ``pre`` itself. Neurons stable
+    in ``pre`` keep their bounds (their relaxation is exact already)."""
+    out = dict(pre)
+    for i in chain.relus:
+        if i < start or _ibp_exact(chain.layers[:i]):
+            continue
+        _, _, _, unstable = relu_relaxation(out[i])
+        new = _crown_neurons(chain, i, box, out, unstable.flatten(1), max_memory)
+        if new is not None:
+            new = _reshape(new, chain.shapes[i])
+            out[i] = Interval(torch.maximum(out[i].lower, new.lower), torch.minimum(out[i].upper, new.upper))
+    return out
 
 
 def _reshape(iv: Interval, shape: tuple[int, ...]) -> Interval:

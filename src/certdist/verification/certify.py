@@ -6,7 +6,8 @@ Per point, in order (the first conclusive stage ends the point):
 2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
 3. ``ibp`` -> ``crown`` -> ``alpha-crown``: every margin proved -> ``verified``;
 4. complete verification with the time left (``bab`` or ``milp``, chosen by size under
-   ``complete="auto"``) -> ``verified`` / ``falsified``;
+   ``complete="auto"``; ``chain-bab``, branch and bound on the layer chain, for networks that have no
+   dense form) -> ``verified`` / ``falsified``;
 5. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
    float32 tolerance that no counterexample realises).
 
@@ -49,6 +50,7 @@ from certdist.propagation.ibp import check_fixed_batchnorm, exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
 from certdist.verification.bab import bab_verify
+from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import DenseNet, TooLargeError, count_unstable, crown_bounds, dense_from_model
 from certdist.verification.milp import milp_verify
 from certdist.verification.rounding import fp32_error_bound, margin_tolerance, proved
@@ -326,6 +328,22 @@ def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, tol_rows, cfg: 
     return res.status, method, res.counterexample, extra
 
 
+def _chain_complete(model, x, y: int, threat, C_rows, tol_rows, cfg: CertifyConfig, p: _Point, pred: int,
+                    fp: dict[str, Any]) -> dict[str, Any]:
+    """Branch and bound on the layer chain, for networks without a dense form (``chain_bab``); a domain
+    closes only above the largest float32 tolerance of the open rows (the soundness policy)."""
+    p.stage = "chain-bab"
+    threshold = float(tol_rows.max()) if tol_rows.numel() else 0.0
+    res = chain_bab_verify(model, x, threat, C_rows, max(p.left(), 1e-3), _candidate_checker(model, x, y, threat),
+                           threshold=threshold, batch=cfg.bab_batch, alpha_steps=cfg.bab_alpha_steps)
+    if res.status == "verified":
+        p.margins["chain-bab"] = res.lower
+    if res.message:
+        p.message = res.message
+    return _record(p, res.status, "chain-bab", cfg, threat.eps, pred, res.counterexample, model,
+                   domains=res.domains, **fp)
+
+
 def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
                   index: int = 0, dense: DenseNet | str | None = None) -> dict[str, Any]:
     """Run the pipeline on one point ``x`` [1, C, H, W] of ``model`` (any mode: an eval-mode copy is
@@ -363,6 +381,9 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     if proved_by is not None:
         return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
     dense = v.dense
+    open_rows = ~proved(best, tol)  # NaN-safe: a row is dropped only when it is proved
+    if isinstance(dense, str) and cfg.complete in ("auto", "bab") and p.left() > 0:
+        return _chain_complete(model, x, int(y), threat, C[0][open_rows], tol[open_rows], cfg, p, pred, fp)
     if cfg.complete == "none" or isinstance(dense, str):
         why = "complete verification disabled" if cfg.complete == "none" else dense
         p.message = (p.message + "; " if p.message else "") + why
@@ -370,7 +391,6 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     if p.left() <= 0:
         p.message = f"timeout after {p.stage}"
         return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
-    open_rows = ~proved(best, tol)  # NaN-safe: a row is dropped only when it is proved
     status, stage, cex, extra = _complete(model, dense, x, int(y), threat, C[0][open_rows], tol[open_rows], cfg, p)
     return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **fp, **extra)
 
