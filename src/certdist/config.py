@@ -28,6 +28,7 @@ class DataConfig:
     train_limit: Optional[int] = None    # use only the first N training examples (quick runs)
     test_limit: Optional[int] = None
     augment: Optional[bool] = None       # None: the dataset's default (crop + flip for CIFAR-like data)
+    validation: Optional[int] = None     # hold out the LAST N training images (fixed) as a validation split
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class EvalConfig:
     attack: str = "pgd"                  # "pgd" or "apgd" (APGD-CE + APGD-DLR, AutoAttack's white-box pair)
     batch_size: int = 500
     limit: Optional[int] = None          # evaluate on the first N test points only
+    split: str = "test"                  # "test", or "validation" (the data.validation hold-out)
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,10 @@ def validate(c: RunConfig) -> None:
         bad("eval", "need batch_size >= 1, pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
     if e.attack not in ("pgd", "apgd"):
         bad("eval.attack", f"unknown attack {e.attack!r}; valid: pgd, apgd")
+    if e.split not in ("test", "validation"):
+        bad("eval.split", f"unknown split {e.split!r}; valid: test, validation")
+    if e.split == "validation" and c.data.validation is None:
+        bad("eval.split", "validation needs a held-out split: set data.validation (e.g. 5000)")
     if e.limit is not None and e.limit < 1:
         bad("eval.limit", f"must be >= 1 (or null for the whole test set), got {e.limit}")
     if not c.lr_decay > 0:
@@ -167,7 +173,7 @@ def validate(c: RunConfig) -> None:
         bad("attack.step_size", f"must be > 0, got {c.attack.step_size}")
     if c.seed < 0:
         bad("seed", f"must be >= 0, got {c.seed}")
-    for k in ("train_limit", "test_limit"):
+    for k in ("train_limit", "test_limit", "validation"):
         v = getattr(c.data, k)
         if v is not None and v < 1:
             bad(f"data.{k}", f"must be >= 1 (or null for the whole split), got {v}")

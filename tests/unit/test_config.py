@@ -62,6 +62,9 @@ def test_teacher_needs_certified_method():
     ("data.dataset=foo", "unknown dataset 'foo'; valid: .*mnist"),
     ("model.arch=foo", "unknown model 'foo'; valid: .*dm_small"),
     ("attack.step_size=0", "attack.step_size: must be > 0"),
+    ("data.validation=0", "data.validation: must be >= 1"),
+    ("eval.split=val", "eval.split: unknown split 'val'; valid: test, validation"),
+    ("eval.split=validation", "eval.split: validation needs a held-out split: set data.validation"),
 ])
 def test_more_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -115,6 +115,27 @@ def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool
         yield idx.to(device), x.to(device), train.labels[idx].to(device)
 
 
+def load_splits(cfg: RunConfig) -> tuple["D.TensorData", "D.TensorData"]:
+    """The training data and the evaluation split (``eval.split``).
+
+    With ``data.validation = N`` the last N training images are held out (never trained on) and
+    ``data.train_limit`` applies to the rest; ``eval.split = "validation"`` evaluates on them
+    (``data.test_limit`` does not apply there, ``eval.limit`` does).
+    """
+    d = cfg.data
+    if d.validation is None:
+        train_data = D.load(d.dataset, "train", data_dir=d.data_dir, limit=d.train_limit)
+        val_data = None
+    else:
+        train_data, val_data = D.holdout(D.load(d.dataset, "train", data_dir=d.data_dir), d.validation)
+        if d.train_limit is not None:
+            train_data = D.TensorData(train_data.images[:d.train_limit], train_data.labels[:d.train_limit],
+                                      train_data.info)
+    if cfg.eval.split == "validation":
+        return train_data, val_data
+    return train_data, D.load(d.dataset, "test", data_dir=d.data_dir, limit=d.test_limit)
+
+
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -150,8 +171,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     seed_everything(cfg.seed)  # the same initial weights on every rank
 
     info = D.dataset_info(cfg.data.dataset)
-    train_data = D.load(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
-    test_data = D.load(cfg.data.dataset, "test", data_dir=cfg.data.data_dir, limit=cfg.data.test_limit)
+    train_data, test_data = load_splits(cfg)
     augment = info.augment if cfg.data.augment is None else cfg.data.augment
     model = build_model(cfg.model.arch, input_spec(info), init=cfg.model.init).to(device)
     teacher = None
@@ -233,7 +253,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     results = evaluate(model, test_data.images[:lim], test_data.labels[:lim], test_threat, cfg.eval.pgd_steps,
                        cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
                        progress=cfg.progress, attack_name=cfg.eval.attack)
-    results |= {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "method": cfg.method,
+    results |= {"split": cfg.eval.split, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "method": cfg.method,
                 "teacher": cfg.distill.teacher, "seed": cfg.seed, "config": to_dict(cfg), "versions": ckpt.versions(),
                 "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -246,7 +266,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
 
 
 def _quick_eval(model: nn.Module, test: "D.TensorData", threat: ThreatModel, device, n: int = 1000) -> dict:
-    """Clean and IBP-certified accuracy on the first ``n`` test points (eval mode), every epoch."""
+    """Clean and IBP-certified accuracy on the first ``n`` points of the evaluation split (eval mode), every
+    epoch; the columns are called ``test_*`` whichever split ``eval.split`` names."""
     r = evaluate(model, test.images[:n], test.labels[:n], threat, batch_size=n, device=device, progress=False,
                  attack=False)
     return {"test_clean": round(r["clean_acc"], 2), "test_ibp_cert": round(r["ibp_cert_acc"], 2)}
