@@ -58,6 +58,12 @@ class DistillConfig:
     teacher_input: str = "clean"         # "clean" (the paper) or "adversarial"
     projection: bool = False             # learn a linear map student features -> teacher features
     cache: bool = True                   # cache clean teacher features when augmentation allows
+    loss: str = "box"                    # "box" (the paper: worst case over the convex-combination box),
+                                         # "point" (distance at the adversarial point), "kl" (soft labels, logits)
+    features: str = "raw"                # "raw", "standardized" or "normalized" (scale-free; see losses.distillation)
+    temperature: float = 1.0             # of the "kl" loss
+    beta_schedule: str = "constant"      # "constant"; "decay": full until the eps ramp ends, then linearly to 0;
+                                         # "late": 0 until the eps ramp ends, then full
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,16 @@ def validate(c: RunConfig) -> None:
         bad("distill.level", f"unknown level {d.level!r}; valid: features, logits")
     if d.teacher_input not in ("clean", "adversarial"):
         bad("distill.teacher_input", f"unknown value {d.teacher_input!r}; valid: clean, adversarial")
+    if d.loss not in ("box", "point", "kl"):
+        bad("distill.loss", f"unknown loss {d.loss!r}; valid: box, point, kl")
+    if d.features not in ("raw", "standardized", "normalized"):
+        bad("distill.features", f"unknown value {d.features!r}; valid: raw, standardized, normalized")
+    if d.loss == "kl" and (d.level != "logits" or d.features != "raw"):
+        bad("distill.loss", "kl distils soft labels: set distill.level=logits and distill.features=raw")
+    if not d.temperature > 0:
+        bad("distill.temperature", f"must be > 0, got {d.temperature}")
+    if d.beta_schedule not in ("constant", "decay", "late"):
+        bad("distill.beta_schedule", f"unknown schedule {d.beta_schedule!r}; valid: constant, decay, late")
     if d.beta is not None and d.beta < 0:
         bad("distill.beta", f"must be >= 0, got {d.beta}")
     if d.alpha is not None and not 0.0 <= d.alpha <= 1.0:

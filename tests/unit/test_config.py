@@ -63,6 +63,11 @@ def test_teacher_needs_certified_method():
     ("model.arch=foo", "unknown model 'foo'; valid: .*dm_small"),
     ("attack.step_size=0", "attack.step_size: must be > 0"),
     ("data.validation=0", "data.validation: must be >= 1"),
+    ("distill.loss=l2", "distill.loss: unknown loss 'l2'; valid: box, point, kl"),
+    ("distill.features=z", "distill.features: unknown value 'z'; valid: raw, standardized, normalized"),
+    ("distill.loss=kl", "distill.loss: kl distils soft labels: set distill.level=logits"),
+    ("distill.temperature=0", "distill.temperature: must be > 0"),
+    ("distill.beta_schedule=cosine", "distill.beta_schedule: unknown schedule 'cosine'; valid: constant, decay, late"),
     ("eval.split=val", "eval.split: unknown split 'val'; valid: test, validation"),
     ("eval.split=validation", "eval.split: validation needs a held-out split: set data.validation"),
 ])

@@ -26,7 +26,8 @@ from certdist.training import checkpoint as ckpt
 from certdist.training.distributed import Dist, setup as setup_distributed
 from certdist.training.logging import MetricLogger
 from certdist.training.objective import StepContext, Teacher, compute_loss
-from certdist.training.schedules import linear_decay, lr_at, smooth_eps
+from certdist.losses.distillation import scaling_statistics
+from certdist.training.schedules import distill_weight, linear_decay, lr_at, smooth_eps
 
 
 # a run may be resumed (or reused by a sweep) with other runtime and evaluation settings
@@ -64,11 +65,12 @@ def step_context(cfg: RunConfig, step: int, steps_per_epoch: int) -> StepContext
     reg_scale = (1.0 - eps / final) if (in_ramp and final > 0) else 0.0
     total = cfg.epochs * steps_per_epoch
     beta = linear_decay(step, cfg.crown_ibp_beta_start, cfg.crown_ibp_beta_end, start, total)
-    return StepContext(eps=eps, eps_final=final, reg_scale=reg_scale, crown_beta=beta)
+    dist_scale = distill_weight(step, cfg.distill.beta_schedule, start + ramp, total)
+    return StepContext(eps=eps, eps_final=final, reg_scale=reg_scale, crown_beta=beta, dist_scale=dist_scale)
 
 
 def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, n_train: int,
-                 cache_ok: bool) -> Teacher:
+                 cache_ok: bool, train_data: "D.TensorData | None" = None) -> Teacher:
     path = Path(cfg.distill.teacher)
     if not path.is_file():
         raise TrainingError(f"teacher checkpoint not found: {path}")
@@ -94,7 +96,26 @@ def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, 
     if cfg.distill.cache and cache_ok and cfg.distill.teacher_input == "clean":
         t.cache = torch.zeros(n_train, dim, device=device)
         t.cached = torch.zeros(n_train, dtype=torch.bool, device=device)
+    if cfg.distill.features != "raw" and cfg.distill.loss != "kl":
+        if train_data is None:
+            raise TrainingError(f"distill.features={cfg.distill.features} needs the training data for the "
+                                "teacher's feature statistics")
+        t.shift, t.scale = teacher_statistics(t, train_data, cfg.distill.level, cfg.distill.features, device,
+                                              cfg.eval.batch_size)
     return t
+
+
+@torch.no_grad()
+def teacher_statistics(teacher: Teacher, data: "D.TensorData", level: str, scaling: str, device: torch.device,
+                       batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shift and scale of the teacher's clean features (or logits) over the training set, for
+    scale-free targets; fills the teacher's cache on the way when it has one."""
+    outs = []
+    for s in range(0, len(data), batch_size):
+        x = data.images[s:s + batch_size].float().div_(255).to(device)
+        idx = torch.arange(s, min(s + batch_size, len(data)), device=device)
+        outs.append(teacher.targets(x, idx, level))
+    return scaling_statistics(torch.cat(outs), scaling)
 
 
 def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool, device: torch.device,
@@ -176,7 +197,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     model = build_model(cfg.model.arch, input_spec(info), init=cfg.model.init).to(device)
     teacher = None
     if cfg.distill.teacher:
-        teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment)
+        teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment,
+                               train_data=train_data)
     params = list(model.parameters()) + (list(teacher.projection.parameters()) if teacher and teacher.projection else [])
     opt = make_optimizer(cfg, params)
     if dd.enabled:  # distinct attack randomness per rank from here on
