@@ -127,3 +127,22 @@ def test_beta_schedule_late_is_cc_ibp_until_the_ramp_ends(tmp_path, teachers):
     wb = ckpt.load_checkpoint(b / "last.pt")["model"]
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], msg=k)
+
+
+def test_diagnosis_columns_and_plot(tmp_path, teachers):
+    """metrics.csv splits the box term into centre + width parts (they add up), and the diagnosis plot
+    draws runs with and without a teacher."""
+    import csv
+
+    from certdist.reporting import plot_diagnosis
+    run = train(student(tmp_path, teachers["mlp"], "distill.beta=0.05"))
+    plain = train(load_config(None, BASE + [f"out_dir={tmp_path}", "model.arch=mlp", "method=cc-ibp", "epochs=2",
+                                            "name=plain"]))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    for r in rows:
+        parts = float(r["train_dist_centre"]) + float(r["train_dist_width"])
+        assert parts == pytest.approx(float(r["train_dist"]), rel=1e-3)
+        assert float(r["train_dist_weighted"]) == pytest.approx(0.05 * float(r["train_dist"]), rel=1e-3)
+    assert float(rows[-1]["train_dist_width"]) > 0 and float(rows[0]["train_dist_width"]) == 0  # warm-up: no box
+    png = plot_diagnosis([run, plain], tmp_path / "d.png")
+    assert png.stat().st_size > 1000
