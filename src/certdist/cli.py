@@ -163,7 +163,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         return 0
     if args.table not in TABLES:
         raise SystemExit(f"error: unknown table {args.table!r}; known: {', '.join(TABLES)}")
-    run_table(args.table, out_dir=args.out_dir, results_dir=args.results)
+    run_table(args.table, out_dir=args.out_dir, results_dir=args.results, collect_only=args.collect)
     print((Path(args.results) / f"{args.table}.md").read_text())
     print(f"written: {args.results}/{args.table}.md, .json, .png")
     return 0
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--list", action="store_true")
     rp.add_argument("--out-dir", default="runs/reproduce", help="where the runs go")
     rp.add_argument("--results", default="results", help="where the table files go")
+    rp.add_argument("--collect", action="store_true", help="start nothing: write the table from the finished "
+                    "runs and certifications (labelled partial if some are missing)")
     rp.set_defaults(fn=_cmd_reproduce)
     return p
 

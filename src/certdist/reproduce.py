@@ -124,30 +124,55 @@ def _row(t: Table, label: str, teacher: str | None, run: Path, split: str, ev: d
             "role": "teacher" if label == t.teacher.label else "student"}
 
 
-def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "results") -> list[dict]:
+def _finished(t: Table, m: Method, seeds, out_dir: str, teacher_ckpt: str | None) -> list[Path]:
+    """The run folders of ``m`` whose training has finished (nothing is started)."""
+    from certdist.sweep import run_dir
+    dirs = [run_dir(m.config, s, _overrides(t, out_dir, m, teacher_ckpt)) for s in seeds]
+    return [d for d in dirs if (d / "results.json").exists()]
+
+
+def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "results",
+              collect_only: bool = False) -> list[dict]:
+    """Run table ``name`` (everything not yet done) and write its files. ``collect_only``: start nothing;
+    write the table from the runs (and certifications) that have finished, labelled partial if any is missing."""
     if name not in TABLES:
         raise ValueError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
     t = TABLES[name]
-    teacher_run, = _train(t, t.teacher, (0,), out_dir, None)
+    runs = (lambda m, seeds, ck: _finished(t, m, seeds, out_dir, ck)) if collect_only else \
+        (lambda m, seeds, ck: _train(t, m, seeds, out_dir, ck))
+    expected = 1 + len(t.methods) * len(t.seeds)
+    teacher_runs = runs(t.teacher, (0,), None)
+    if not teacher_runs:
+        raise FileNotFoundError(f"{name}: the teacher has not finished (run without --collect)")
+    teacher_run = teacher_runs[0]
     teacher_ckpt = str(teacher_run / "last.pt")
     teacher_name = t.teacher.label
     rows = []
     if t.certify_n is not None:
-        ev = _evaluate_teacher(teacher_run, t.dataset, t.eps, t.certify_n)
-        rows.append(_row(t, teacher_name, None, teacher_run, "test", ev, None))
+        out = teacher_run / f"eval_test{t.certify_n}.json"
+        if not collect_only or out.exists():
+            ev = _evaluate_teacher(teacher_run, t.dataset, t.eps, t.certify_n)
+            rows.append(_row(t, teacher_name, None, teacher_run, "test", ev, None))
     else:
         rows.append(_row(t, teacher_name, None, teacher_run, "validation",
                          json.loads((teacher_run / "results.json").read_text()), None))
     for m in t.methods:
-        for run in _train(t, m, t.seeds, out_dir, teacher_ckpt):
+        for run in runs(m, t.seeds, teacher_ckpt):
             teacher = teacher_name if m.distill else None
             if t.certify_n is None:
                 rows.append(_row(t, m.label, teacher, run, "validation", json.loads((run / "results.json").read_text()),
                                  None))
-            else:
-                cert = _certify(run, t.dataset, t.eps, t.certify_n, t.timeout)
-                rows.append(_row(t, m.label, teacher, run, "test", {}, cert))
-    write_results(name, rows, results_dir, t.note)
+                continue
+            cert_file = run / f"certify_test{t.certify_n}.jsonl"
+            if collect_only and (not cert_file.exists() or
+                                 len(cert_file.read_text().splitlines()) < t.certify_n):
+                continue
+            cert = _certify(run, t.dataset, t.eps, t.certify_n, t.timeout)
+            rows.append(_row(t, m.label, teacher, run, "test", {}, cert))
+    note = t.note
+    if len(rows) < expected:
+        note += f" PARTIAL: {len(rows)} of {expected} rows finished (the others were still running or queued)."
+    write_results(name, rows, results_dir, note)
     return rows
 
 

@@ -56,6 +56,12 @@ def test_reproduce_table_end_to_end(tmp_path, monkeypatch, capsys):
     assert "finished, skipped" in capsys.readouterr().out
     assert (tmp_path / "runs" / "s" / "seed0" / "last.pt").stat().st_mtime_ns == mtime
     assert json.loads((tmp_path / "res" / "tiny.json").read_text()) == rows
+    # --collect starts nothing and labels a table with missing runs as partial
+    (tmp_path / "runs" / "s_dist" / "seed0" / "results.json").unlink()
+    assert main(["reproduce", "tiny", "--out-dir", "runs", "--results", "res", "--collect"]) == 0
+    assert not (tmp_path / "runs" / "s_dist" / "seed0" / "results.json").exists()
+    assert len(json.loads((tmp_path / "res" / "tiny.json").read_text())) == 2
+    assert "PARTIAL: 2 of 3 rows" in (tmp_path / "res" / "tiny.md").read_text()
 
 
 def test_reproduce_lists_tables_and_rejects_unknown(capsys):
