@@ -53,15 +53,15 @@ def _mnist_dist(name: str, *extra: str) -> Method:
 
 MNIST_TEACHER = Method("PGD-AT teacher", "configs/small/mnist_pgd-at-teacher.yaml")
 MNIST_CCIBP = Method("CC-IBP", "configs/small/mnist_cc-ibp.yaml")
-# the validation grid (seed 0): scale-free feature boxes at two betas, the plain point distance, soft labels
+# the validation grid (seed 0) that the CPU queue of issue 11 could afford: a scale-free feature box and
+# soft-label logit distillation at two weights (docs/results.md)
 MNIST_GRID = (
     _mnist_dist("std-box-b1e-3", "distill.features=standardized", "distill.beta=1e-3"),
     _mnist_dist("kl-t4-b1", "distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=1"),
-    _mnist_dist("std-box-b1e-2", "distill.features=standardized", "distill.beta=1e-2"),
-    _mnist_dist("std-point-b1e-3", "distill.features=standardized", "distill.loss=point", "distill.beta=1e-3"),
+    _mnist_dist("kl-t4-b0.1", "distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.1"),
 )
 # the variant chosen on the validation split (docs/results.md); configs/small/mnist_cc-dist.yaml ships it
-MNIST_CHOSEN = MNIST_GRID[0]
+MNIST_CHOSEN = MNIST_GRID[2]
 
 TABLES: dict[str, Table] = {
     "mnist-0.1-grid": Table("mnist-0.1/dm_small", "mnist", 0.1, MNIST_TEACHER, (MNIST_CCIBP,) + MNIST_GRID,
