@@ -30,7 +30,8 @@ def test_reproduce_table_end_to_end(tmp_path, monkeypatch, capsys):
     teacher = R.Method("PGD-AT teacher", "teacher.yaml")
     table = R.Table("synthetic-0.05/mlp", "synthetic", 0.05, teacher,
                     (R.Method("CC-IBP", "student.yaml"),
-                     R.Method("CC-Dist", "student.yaml", ("name=s_dist", "distill.features=standardized"), True)),
+                     R.Method("CC-Dist", "student.yaml", ("name=s_dist", "distill.loss=box", "distill.features=standardized"),
+                              True)),
                     seeds=(0,), certify_n=6, timeout=1.0, validation=300, note="tiny")
     monkeypatch.setitem(R.TABLES, "tiny", table)
     assert main(["reproduce", "tiny", "--out-dir", "runs", "--results", "res"]) == 0

@@ -154,7 +154,7 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
 
 def _beta(cfg: RunConfig, target: torch.Tensor) -> float:
-    return cfg.distill.beta if cfg.distill.beta is not None else default_beta(target.shape[1])
+    return cfg.distill.beta if cfg.distill.beta is not None else default_beta(target.shape[1], cfg.distill.loss)
 
 
 def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats) -> torch.Tensor:
