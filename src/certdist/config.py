@@ -287,8 +287,11 @@ RUNTIME_KEYS = frozenset({"progress", "device", "num_threads", "logger"})
 
 
 def differing_keys(saved: dict, now: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Top-level keys whose values differ between two config dicts, runtime settings and ``ignore`` aside."""
+    """Top-level keys whose values differ between two config dicts, runtime settings and ``ignore`` aside.
+    The ``distill`` settings of two runs without a teacher do not count (they change nothing)."""
     skip = RUNTIME_KEYS | ignore
+    if not (saved.get("distill") or {}).get("teacher") and not (now.get("distill") or {}).get("teacher"):
+        skip = skip | {"distill"}
     return sorted(k for k in set(saved) | set(now) if k not in skip and saved.get(k) != now.get(k))
 
 

@@ -86,3 +86,13 @@ def test_distill_defaults_are_the_validated_choice():
     assert load_config(None, ["distill.loss=box", "distill.level=logits"]).distill.level == "logits"
     with pytest.raises(ConfigError, match="kl distils soft labels"):
         load_config(None, ["distill.level=features"])
+
+
+def test_distill_settings_without_a_teacher_do_not_count_as_a_difference():
+    from certdist.config import differing_keys, to_dict
+    a = to_dict(load_config(None, ["method=cc-ibp"]))
+    b = to_dict(load_config(None, ["method=cc-ibp", "distill.loss=box"]))
+    assert differing_keys(a, b) == []
+    ta = to_dict(load_config(None, ["method=cc-ibp", "distill.teacher=t.pt"]))
+    tb = to_dict(load_config(None, ["method=cc-ibp", "distill.teacher=t.pt", "distill.loss=box"]))
+    assert differing_keys(ta, tb) == ["distill"] and differing_keys(a, ta) == ["distill"]
