@@ -83,7 +83,7 @@ def main() -> None:
         lines += [f"{k}: {v}" for k, v in extra.items()]
         lines[0] = f"# {name}, CC-Dist: the CC-IBP setting + feature distillation from a PGD-AT teacher (reconstructed)"
         lines[1] = f"name: {name}_cc-dist"
-        lines.append(f"distill: {{teacher: runs/paper/{name}_pgd-at-teacher/seed0/last.pt, level: features, "
+        lines.append(f"distill: {{teacher: runs/paper/{name}_pgd-at-teacher/seed0/last.pt, loss: box, level: features, "
                      "teacher_input: clean}   # beta: 5 / feature_dim (reconstructed default)")
         write(out / f"{name}_cc-dist.yaml", lines)
         # the teacher: PGD-AT (Madry et al.), 10 steps of 0.25 eps, same epochs and lr schedule (reconstructed)

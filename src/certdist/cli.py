@@ -191,6 +191,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=args.out_dir, quick=args.quick)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from certdist.reproduce import TABLES, run_table
+    if args.list or not args.table:
+        for name, t in TABLES.items():
+            print(f"{name}: {t.note}")
+        return 0
+    if args.table not in TABLES:
+        raise SystemExit(f"error: unknown table {args.table!r}; known: {', '.join(TABLES)}")
+    run_table(args.table, out_dir=args.out_dir, results_dir=args.results, collect_only=args.collect)
+    print((Path(args.results) / f"{args.table}.md").read_text())
+    print(f"written: {args.results}/{args.table}.md, .json, .png")
+    return 0
+
+
 def _print_results(rows: list[dict]) -> None:
     from certdist.reporting import format_table
     print(format_table(rows, group=False))
@@ -306,6 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-dir", default="runs/demo")
     m.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     m.set_defaults(fn=_cmd_demo)
+
+    rp = sub.add_parser("reproduce", help="run one results table end to end (teacher, students, seeds, "
+                        "certification; resumable) and write results/<table>.md, .json and .png")
+    rp.add_argument("table", nargs="?", help="a table name; none (or --list) lists them")
+    rp.add_argument("--list", action="store_true")
+    rp.add_argument("--out-dir", default="runs/reproduce", help="where the runs go")
+    rp.add_argument("--results", default="results", help="where the table files go")
+    rp.add_argument("--collect", action="store_true", help="start nothing: write the table from the finished "
+                    "runs and certifications (labelled partial if some are missing)")
+    rp.set_defaults(fn=_cmd_reproduce)
     return p
 
 

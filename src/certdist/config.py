@@ -30,6 +30,7 @@ class DataConfig:
     train_limit: Optional[int] = None    # use only the first N training examples (quick runs)
     test_limit: Optional[int] = None
     augment: Optional[bool] = None       # None: the dataset's default (crop + flip for CIFAR-like data)
+    validation: Optional[int] = None     # hold out the LAST N training images (fixed) as a validation split
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,29 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """CC-Dist: distillation from a frozen teacher (``teacher`` = a checkpoint path)."""
+    """CC-Dist: distillation from a frozen teacher (``teacher`` = a checkpoint path).
+
+    The defaults are the variant chosen on the MNIST validation split (issue 11, docs/results.md):
+    soft-label logit distillation, T = 4, beta = 0.1. The paper's form is ``loss: box`` (features, raw).
+    """
     teacher: Optional[str] = None
-    beta: Optional[float] = None         # None: 5 / feature_dim (a third-party reimplementation's scaling)
+    beta: Optional[float] = None         # None: 0.1 for loss kl, else 5 / feature_dim (a third-party scaling)
     alpha: Optional[float] = None        # None: the certified loss's alpha
-    level: str = "features"              # "features" (the paper) or "logits" (AD-CERT-like)
+    level: Optional[str] = None          # "features" (the paper) or "logits" (AD-CERT-like);
+                                         # None: logits for loss kl, else features
     teacher_input: str = "clean"         # "clean" (the paper) or "adversarial"
     projection: bool = False             # learn a linear map student features -> teacher features
     cache: bool = True                   # cache clean teacher features when augmentation allows
+    loss: str = "kl"                     # "box" (the paper: worst case over the convex-combination box),
+                                         # "point" (distance at the adversarial point), "kl" (soft labels, logits)
+    features: str = "raw"                # "raw", "standardized" or "normalized" (scale-free; see losses.distillation)
+    temperature: float = 4.0             # of the "kl" loss
+    beta_schedule: str = "constant"      # "constant"; "decay": full until the eps ramp ends, then linearly to 0;
+                                         # "late": 0 until the eps ramp ends, then full
+
+    def __post_init__(self) -> None:
+        if self.level is None:
+            object.__setattr__(self, "level", "logits" if self.loss == "kl" else "features")
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class EvalConfig:
     attack: str = "pgd"                  # "pgd", "apgd" (APGD-CE + APGD-DLR) or "autoattack" (standard; torchattacks)
     batch_size: int = 500
     limit: Optional[int] = None          # evaluate on the first N test points only
+    split: str = "test"                  # "test", or "validation" (the data.validation hold-out)
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,16 @@ def validate(c: RunConfig) -> None:
         bad("distill.level", f"unknown level {d.level!r}; valid: features, logits")
     if d.teacher_input not in ("clean", "adversarial"):
         bad("distill.teacher_input", f"unknown value {d.teacher_input!r}; valid: clean, adversarial")
+    if d.loss not in ("box", "point", "kl"):
+        bad("distill.loss", f"unknown loss {d.loss!r}; valid: box, point, kl")
+    if d.features not in ("raw", "standardized", "normalized"):
+        bad("distill.features", f"unknown value {d.features!r}; valid: raw, standardized, normalized")
+    if d.loss == "kl" and (d.level != "logits" or d.features != "raw"):
+        bad("distill.loss", "kl distils soft labels: set distill.level=logits and distill.features=raw")
+    if not d.temperature > 0:
+        bad("distill.temperature", f"must be > 0, got {d.temperature}")
+    if d.beta_schedule not in ("constant", "decay", "late"):
+        bad("distill.beta_schedule", f"unknown schedule {d.beta_schedule!r}; valid: constant, decay, late")
     if d.beta is not None and d.beta < 0:
         bad("distill.beta", f"must be >= 0, got {d.beta}")
     if d.alpha is not None and not 0.0 <= d.alpha <= 1.0:
@@ -169,6 +196,10 @@ def validate(c: RunConfig) -> None:
         bad("eval", "need batch_size >= 1, pgd_steps >= 0, pgd_restarts >= 1, pgd_step_size > 0")
     if e.attack not in ("pgd", "apgd", "autoattack"):
         bad("eval.attack", f"unknown attack {e.attack!r}; valid: pgd, apgd, autoattack")
+    if e.split not in ("test", "validation"):
+        bad("eval.split", f"unknown split {e.split!r}; valid: test, validation")
+    if e.split == "validation" and c.data.validation is None:
+        bad("eval.split", "validation needs a held-out split: set data.validation (e.g. 5000)")
     if e.limit is not None and e.limit < 1:
         bad("eval.limit", f"must be >= 1 (or null for the whole test set), got {e.limit}")
     if not c.lr_decay > 0:
@@ -177,7 +208,7 @@ def validate(c: RunConfig) -> None:
         bad("attack.step_size", f"must be > 0, got {c.attack.step_size}")
     if c.seed < 0:
         bad("seed", f"must be >= 0, got {c.seed}")
-    for k in ("train_limit", "test_limit"):
+    for k in ("train_limit", "test_limit", "validation"):
         v = getattr(c.data, k)
         if v is not None and v < 1:
             bad(f"data.{k}", f"must be >= 1 (or null for the whole split), got {v}")
@@ -266,8 +297,11 @@ RUNTIME_KEYS = frozenset({"progress", "device", "num_threads", "logger"})
 
 
 def differing_keys(saved: dict, now: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Top-level keys whose values differ between two config dicts, runtime settings and ``ignore`` aside."""
+    """Top-level keys whose values differ between two config dicts, runtime settings and ``ignore`` aside.
+    The ``distill`` settings of two runs without a teacher do not count (they change nothing)."""
     skip = RUNTIME_KEYS | ignore
+    if not (saved.get("distill") or {}).get("teacher") and not (now.get("distill") or {}).get("teacher"):
+        skip = skip | {"distill"}
     return sorted(k for k in set(saved) | set(now) if k not in skip and saved.get(k) != now.get(k))
 
 

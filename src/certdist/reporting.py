@@ -171,3 +171,56 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_diagnosis(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """What distillation does during training (issue 11), per epoch and run, from ``metrics.csv``: the
+    certified loss against the weighted distillation term; the term's box-centre and box-width parts;
+    the student's feature norm and IBP feature-box width against the teacher's feature norm; the
+    evaluation split's clean and IBP-certified accuracy. Missing columns (no teacher) are skipped."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
+
+    def line(ax, ep, rows, key, style, color, label, scale=1.0):
+        vals = [(e, scale * float(r[key])) for e, r in zip(ep, rows) if r.get(key) not in (None, "")]
+        if vals:
+            ax.plot(*zip(*vals), style, color=color, label=label)
+
+    for i, d in enumerate(map(Path, run_dirs)):
+        f = d / "metrics.csv"
+        if not f.exists():
+            raise FileNotFoundError(f"no metrics.csv in {d}")
+        rows = list(csv.DictReader(f.open()))
+        ep = [int(float(r["epoch"])) for r in rows]
+        c = f"C{i % 10}"
+        name = d.parent.name if d.name.startswith("seed") else d.name
+        line(axes[0], ep, rows, "train_cert_loss", "-", c, f"{name}: certified loss")
+        line(axes[0], ep, rows, "train_dist_weighted", "--", c, f"{name}: beta x distillation")
+        line(axes[1], ep, rows, "train_dist_centre", "-", c, f"{name}: centre part")
+        line(axes[1], ep, rows, "train_dist_width", ":", c, f"{name}: width part")
+        line(axes[2], ep, rows, "train_feat_norm", "-", c, f"{name}: student ||h(x_adv)||")
+        line(axes[2], ep, rows, "train_teacher_norm", "--", c, f"{name}: teacher ||t||")
+        line(axes[2], ep, rows, "train_feat_width", ":", c, f"{name}: student box width x100", scale=100.0)
+        line(axes[3], ep, rows, "test_clean", "-", c, f"{name}: clean")
+        line(axes[3], ep, rows, "test_ibp_cert", "--", c, f"{name}: IBP-cert")
+    titles = ["loss terms (training mean)", "distillation: box centre vs width (unweighted)",
+              "feature scale", "evaluation split, first 1000 points %"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    for ax in axes[:2]:
+        if ax.lines:
+            ax.set_yscale("log")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

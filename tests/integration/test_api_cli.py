@@ -3,6 +3,7 @@ line's answers to the usual slips (no raw tracebacks, no work thrown away)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -86,6 +87,10 @@ def test_fit_with_a_teacher_module_or_checkpoint(tmp_path):
                      distill={"beta": 0.01}, **OPTS)
     assert "train_dist" in r.metrics[0] and r.results["teacher"].startswith("<in-memory Sequential")
     assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher is left alone
+    # scale-free targets take the teacher's statistics over the DataLoader's batches
+    std = certdist.fit(small_net(), train, method="cc-ibp", teacher=teacher, epochs=1, out_dir=tmp_path,
+                       name="dist-std", distill={"beta": 0.01, "loss": "box", "features": "standardized"}, **OPTS)
+    assert math.isfinite(float(std.metrics[0]["train_dist"]))
     with pytest.raises(TrainingError, match="teacher checkpoint not found"):
         certdist.fit(small_net(), train, method="cc-ibp", teacher=tmp_path / "nope.pt", epochs=1, out_dir=tmp_path,
                      name="x", **OPTS)

@@ -162,3 +162,23 @@ def test_parallel_sweep_splits_the_cores(tmp_path):
     dirs = sweep([None], [0, 1], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=par", "epochs=1"], jobs=2)
     want = max(1, (os.cpu_count() or 1) // 2)
     assert [json.loads((d / "results.json").read_text())["config"]["num_threads"] for d in dirs] == [want, want]
+
+
+def test_validation_split_is_held_out_and_evaluated(tmp_path, monkeypatch):
+    """data.validation holds out the LAST N training images: never trained on, evaluated with eval.split."""
+    from certdist import data as D
+    full = D.load("synthetic", "train")
+    c = cfg(tmp_path, "method=standard", "data.validation=300", "eval.split=validation", "epochs=1",
+            "data.train_limit=1000")
+    tr, ev = loop.load_splits(c)
+    assert len(ev) == 300 and len(tr) == 1000
+    assert torch.equal(ev.images, full.images[-300:]) and torch.equal(tr.images, full.images[:1000])
+    assert len(loop.load_splits(cfg(tmp_path, "data.validation=300"))[0]) == 512  # test split still evaluated
+    assert len(loop.load_splits(cfg(tmp_path, "data.validation=300", "data.train_limit=null"))[0]) == 1700
+    seen = []
+    real_iter = loop._batch_iter
+    monkeypatch.setattr(loop, "_batch_iter", lambda data, *a, **k: seen.append(len(data)) or real_iter(data, *a, **k))
+    res = json.loads((train(c) / "results.json").read_text())
+    assert seen == [1000] and res["n"] == 300 and res["split"] == "validation"
+    with pytest.raises(ValueError, match="validation: need 1 <= N < 2000"):
+        D.holdout(full, 2000)

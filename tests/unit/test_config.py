@@ -62,7 +62,37 @@ def test_teacher_needs_certified_method():
     ("data.dataset=foo", "unknown dataset 'foo'; valid: .*mnist"),
     ("model.arch=foo", "unknown model 'foo'; valid: .*dm_small"),
     ("attack.step_size=0", "attack.step_size: must be > 0"),
+    ("data.validation=0", "data.validation: must be >= 1"),
+    ("distill.loss=l2", "distill.loss: unknown loss 'l2'; valid: box, point, kl"),
+    ("distill.features=z", "distill.features: unknown value 'z'; valid: raw, standardized, normalized"),
+    ("distill.features=standardized", "distill.loss: kl distils soft labels: set distill.level=logits"),
+    ("distill.temperature=0", "distill.temperature: must be > 0"),
+    ("distill.beta_schedule=cosine", "distill.beta_schedule: unknown schedule 'cosine'; valid: constant, decay, late"),
+    ("eval.split=val", "eval.split: unknown split 'val'; valid: test, validation"),
+    ("eval.split=validation", "eval.split: validation needs a held-out split: set data.validation"),
 ])
 def test_more_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_distill_defaults_are_the_validated_choice():
+    """Default: soft-label KL on logits, T 4, beta 0.1 (docs/results.md); the paper's box resolves to features."""
+    from certdist.losses import default_beta
+    d = load_config(None, []).distill
+    assert (d.loss, d.level, d.temperature, d.features, d.beta) == ("kl", "logits", 4.0, "raw", None)
+    assert default_beta(10, "kl") == 0.1 and default_beta(100, "box") == 0.05
+    assert load_config(None, ["distill.loss=box"]).distill.level == "features"
+    assert load_config(None, ["distill.loss=box", "distill.level=logits"]).distill.level == "logits"
+    with pytest.raises(ConfigError, match="kl distils soft labels"):
+        load_config(None, ["distill.level=features"])
+
+
+def test_distill_settings_without_a_teacher_do_not_count_as_a_difference():
+    from certdist.config import differing_keys, to_dict
+    a = to_dict(load_config(None, ["method=cc-ibp"]))
+    b = to_dict(load_config(None, ["method=cc-ibp", "distill.loss=box"]))
+    assert differing_keys(a, b) == []
+    ta = to_dict(load_config(None, ["method=cc-ibp", "distill.teacher=t.pt"]))
+    tb = to_dict(load_config(None, ["method=cc-ibp", "distill.teacher=t.pt", "distill.loss=box"]))
+    assert differing_keys(ta, tb) == ["distill"] and differing_keys(a, ta) == ["distill"]

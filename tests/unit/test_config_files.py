@@ -22,3 +22,15 @@ def test_config_parses(path):
     assert c.name == path.stem
     if "cc-dist" in path.stem:
         assert c.distill.teacher and c.distill.teacher.endswith("pgd-at-teacher/seed0/last.pt")
+
+
+def test_small_cc_dist_configs_ship_the_validated_variant():
+    """configs/small/*_cc-dist.yaml use the distillation settings of the variant chosen on the validation
+    split (certdist.reproduce.MNIST_CHOSEN); the paper configs keep the paper's feature box."""
+    from certdist.reproduce import MNIST_CHOSEN
+    chosen = load_config(ROOT / "small" / "mnist_cc-ibp.yaml", [o for o in MNIST_CHOSEN.overrides if not o.startswith("name=")])
+    for ds in ("mnist", "fashion-mnist"):
+        d = load_config(ROOT / "small" / f"{ds}_cc-dist.yaml").distill
+        assert {k: v for k, v in vars(d).items() if k != "teacher"} == \
+            {k: v for k, v in vars(chosen.distill).items() if k != "teacher"}
+    assert load_config(ROOT / "paper" / "mnist_0.1_cc-dist.yaml").distill.loss == "box"

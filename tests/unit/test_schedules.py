@@ -35,3 +35,12 @@ def test_lr_and_linear_decay():
     assert linear_decay(0, 1.0, 0.0, 10, 110) == 1.0
     assert linear_decay(60, 1.0, 0.0, 10, 110) == pytest.approx(0.5)
     assert linear_decay(200, 1.0, 0.0, 10, 110) == 0.0
+
+
+def test_distill_weight():
+    from certdist.training.schedules import distill_weight
+    assert [distill_weight(s, "constant", 10, 20) for s in (0, 15, 20)] == [1.0, 1.0, 1.0]
+    assert [distill_weight(s, "late", 10, 20) for s in (0, 9, 10, 19)] == [0.0, 0.0, 1.0, 1.0]
+    assert [distill_weight(s, "decay", 10, 20) for s in (0, 10, 15, 20)] == [1.0, 1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        distill_weight(0, "foo", 1, 2)

@@ -13,7 +13,7 @@ Raw files live in ``<data_dir>/<name>/`` (``data_dir`` defaults to ``$CERTDIST_D
 verified, and :mod:`certdist.data.formats` for the formats.
 """
 from certdist.data.errors import DataError
-from certdist.data.loading import TensorData, batches, load
+from certdist.data.loading import TensorData, batches, holdout, load
 from certdist.data.registry import DATASETS, DatasetInfo, dataset_info, default_data_dir
 from certdist.data.sources import fetch
 from certdist.data.transforms import random_crop, random_hflip
@@ -27,6 +27,7 @@ __all__ = [
     "dataset_info",
     "default_data_dir",
     "fetch",
+    "holdout",
     "load",
     "random_crop",
     "random_hflip",

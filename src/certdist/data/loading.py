@@ -24,7 +24,7 @@ from certdist.data.registry import DatasetInfo, check_split, dataset_folder, dat
 from certdist.data.sources import ensure, split_files
 from certdist.data.transforms import random_crop, random_hflip
 
-__all__ = ["TensorData", "load", "batches", "CACHE_VERSION"]
+__all__ = ["TensorData", "load", "batches", "holdout", "CACHE_VERSION"]
 
 _log = logging.getLogger(__name__)
 
@@ -174,6 +174,22 @@ def load(
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return TensorData(images, labels, info)
+
+
+def holdout(data: TensorData, n: int) -> tuple[TensorData, TensorData]:
+    """Split off the LAST ``n`` samples as a validation set: ``(rest, held_out)``.
+
+    The split is fixed by the file order (MNIST, Fashion-MNIST and CIFAR-10 training files are
+    shuffled), so every run and seed sees the same validation images.
+
+    Raises:
+        ValueError: ``n`` < 1 or not smaller than the split.
+    """
+    if not 1 <= n < len(data):
+        raise ValueError(f"validation: need 1 <= N < {len(data)} (the training set's size), got {n}")
+    k = len(data) - n
+    return (TensorData(data.images[:k], data.labels[:k], data.info),
+            TensorData(data.images[k:], data.labels[k:], data.info))
 
 
 def batches(

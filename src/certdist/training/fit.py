@@ -123,7 +123,8 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
             if not Path(teacher).is_file():
                 raise TrainingError(f"teacher checkpoint not found: {teacher}")
             teacher, _ = ckpt.model_from_checkpoint(teacher)
-        t = make_teacher(cfg, teacher, net, device, 0, cache_ok=False)
+        t = make_teacher(cfg, teacher, net, device, 0, cache_ok=False,
+                         train_batches=((None, x) for _, x, _ in _loader_batches(train_loader, device)))
     try:
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     except TypeError:

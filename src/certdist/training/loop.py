@@ -29,7 +29,8 @@ from certdist.training import checkpoint as ckpt
 from certdist.training.distributed import Dist, setup as setup_distributed
 from certdist.training.logging import MetricLogger
 from certdist.training.objective import StepContext, Teacher, compute_loss
-from certdist.training.schedules import linear_decay, lr_at, smooth_eps
+from certdist.losses.distillation import scaling_statistics
+from certdist.training.schedules import distill_weight, linear_decay, lr_at, smooth_eps
 
 
 # a run may be resumed (or reused by a sweep) with other runtime and evaluation settings
@@ -67,11 +68,12 @@ def step_context(cfg: RunConfig, step: int, steps_per_epoch: int) -> StepContext
     reg_scale = (1.0 - eps / final) if (in_ramp and final > 0) else 0.0
     total = cfg.epochs * steps_per_epoch
     beta = linear_decay(step, cfg.crown_ibp_beta_start, cfg.crown_ibp_beta_end, start, total)
-    return StepContext(eps=eps, eps_final=final, reg_scale=reg_scale, crown_beta=beta)
+    dist_scale = distill_weight(step, cfg.distill.beta_schedule, start + ramp, total)
+    return StepContext(eps=eps, eps_final=final, reg_scale=reg_scale, crown_beta=beta, dist_scale=dist_scale)
 
 
 def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, n_train: int,
-                 cache_ok: bool) -> Teacher:
+                 cache_ok: bool, train_data: "D.TensorData | None" = None) -> Teacher:
     path = Path(cfg.distill.teacher)
     if not path.is_file():
         raise TrainingError(f"teacher checkpoint not found: {path}")
@@ -81,13 +83,17 @@ def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, 
         raise TrainingError(f"teacher {path} was trained on {t_data!r}, the student on {cfg.data.dataset!r}")
     if model.input_spec != student.input_spec:
         raise TrainingError(f"teacher {path} expects inputs {model.input_spec}, the student {student.input_spec}")
-    return make_teacher(cfg, model, student, device, n_train, cache_ok)
+    batches = _indexed_batches(train_data, cfg.eval.batch_size, device) if train_data is not None else None
+    return make_teacher(cfg, model, student, device, n_train, cache_ok, batches)
 
 
 def make_teacher(cfg: RunConfig, model: nn.Module, student: CertifiableNet, device: torch.device, n_train: int,
-                 cache_ok: bool) -> Teacher:
+                 cache_ok: bool, train_batches: "Iterable[tuple[torch.Tensor | None, torch.Tensor]] | None" = None
+                 ) -> Teacher:
     """A frozen eval-mode copy of ``model`` (a CertifiableNet or an nn.Sequential) as the teacher of
-    ``student``, with the projection and the feature cache the config asks for."""
+    ``student``, with the projection and the feature cache the config asks for. ``train_batches``
+    (``(indices or None, images)`` over the training set) are needed for scale-free targets
+    (``distill.features`` other than raw): the teacher's statistics are taken over them."""
     model = copy.deepcopy(as_certifiable(model)).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -104,7 +110,28 @@ def make_teacher(cfg: RunConfig, model: nn.Module, student: CertifiableNet, devi
     if cfg.distill.cache and cache_ok and cfg.distill.teacher_input == "clean":
         t.cache = torch.zeros(n_train, dim, device=device)
         t.cached = torch.zeros(n_train, dtype=torch.bool, device=device)
+    if cfg.distill.features != "raw" and cfg.distill.loss != "kl":
+        if train_batches is None:
+            raise TrainingError(f"distill.features={cfg.distill.features} needs the training data for the "
+                                "teacher's feature statistics")
+        t.shift, t.scale = teacher_statistics(t, train_batches, cfg.distill.level, cfg.distill.features)
     return t
+
+
+@torch.no_grad()
+def teacher_statistics(teacher: Teacher, batches: "Iterable[tuple[torch.Tensor | None, torch.Tensor]]", level: str,
+                       scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shift and scale of the teacher's clean features (or logits) over the training batches
+    ``(indices or None, images)``, for scale-free targets; fills the teacher's cache on the way when it
+    has one and the batches carry indices."""
+    outs = [teacher.targets(x, idx, level) for idx, x in batches]
+    return scaling_statistics(torch.cat(outs), scaling)
+
+
+def _indexed_batches(data: "D.TensorData", batch_size: int, device: torch.device):
+    for s in range(0, len(data), batch_size):
+        yield (torch.arange(s, min(s + batch_size, len(data)), device=device),
+               data.images[s:s + batch_size].float().div_(255).to(device))
 
 
 def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool, device: torch.device,
@@ -123,6 +150,27 @@ def _batch_iter(train: "D.TensorData", cfg: RunConfig, epoch: int, augment: bool
         if augment:
             x = D.random_hflip(D.random_crop(x, pad, g), g)
         yield idx.to(device), x.to(device), train.labels[idx].to(device)
+
+
+def load_splits(cfg: RunConfig) -> tuple["D.TensorData", "D.TensorData"]:
+    """The training data and the evaluation split (``eval.split``).
+
+    With ``data.validation = N`` the last N training images are held out (never trained on) and
+    ``data.train_limit`` applies to the rest; ``eval.split = "validation"`` evaluates on them
+    (``data.test_limit`` does not apply there, ``eval.limit`` does).
+    """
+    d = cfg.data
+    if d.validation is None:
+        train_data = D.load(d.dataset, "train", data_dir=d.data_dir, limit=d.train_limit)
+        val_data = None
+    else:
+        train_data, val_data = D.holdout(D.load(d.dataset, "train", data_dir=d.data_dir), d.validation)
+        if d.train_limit is not None:
+            train_data = D.TensorData(train_data.images[:d.train_limit], train_data.labels[:d.train_limit],
+                                      train_data.info)
+    if cfg.eval.split == "validation":
+        return train_data, val_data
+    return train_data, D.load(d.dataset, "test", data_dir=d.data_dir, limit=d.test_limit)
 
 
 def make_optimizer(cfg: RunConfig, params) -> torch.optim.Optimizer:
@@ -180,19 +228,19 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     seed_everything(cfg.seed)  # the same initial weights on every rank
 
     info = D.dataset_info(cfg.data.dataset)
-    train_data = D.load(cfg.data.dataset, "train", data_dir=cfg.data.data_dir, limit=cfg.data.train_limit)
-    test_data = D.load(cfg.data.dataset, "test", data_dir=cfg.data.data_dir, limit=cfg.data.test_limit)
+    train_data, test_data = load_splits(cfg)
     augment = info.augment if cfg.data.augment is None else cfg.data.augment
     model = build_model(cfg.model.arch, input_spec(info), init=cfg.model.init).to(device)
     teacher = None
     if cfg.distill.teacher:
-        teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment)
+        teacher = load_teacher(cfg, model, device, train_data.labels.shape[0], cache_ok=not augment,
+                               train_data=train_data)
     n = train_data.labels.shape[0]
     steps_per_epoch = sum(1 for s in range(0, n, cfg.batch_size) if min(cfg.batch_size, n - s) >= 2 * dd.world or n == 1)
     run_loop(cfg, run_dir, model, model, teacher,
              lambda epoch: _batch_iter(train_data, cfg, epoch, augment, device, dd), steps_per_epoch,
              (test_data.images, test_data.labels), to_dict(cfg),
-             {"dataset": cfg.data.dataset, "arch": cfg.model.arch, "teacher": cfg.distill.teacher},
+             {"split": cfg.eval.split, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "teacher": cfg.distill.teacher},
              device, dd, resume)
     return run_dir
 
@@ -299,7 +347,8 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
 
 def _quick_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel, device,
                 n: int = 1000) -> dict:
-    """Clean and IBP-certified accuracy on the first ``n`` test points (eval mode), every epoch."""
+    """Clean and IBP-certified accuracy on the first ``n`` points of the evaluation split (eval mode), every
+    epoch; the columns are called ``test_*`` whichever split ``eval.split`` names."""
     r = evaluate(model, images[:n], labels[:n], threat, batch_size=n, device=device, progress=False, attack=False)
     return {"test_clean": round(r["clean_acc"], 2), "test_ibp_cert": round(r["ibp_cert_acc"], 2)}
 

@@ -15,7 +15,8 @@ from certdist.attacks.pgd import pgd
 from certdist.bounds import Interval
 from certdist.config import RunConfig
 from certdist.losses import certified as L
-from certdist.losses.distillation import default_beta, distillation_loss
+from certdist.losses.distillation import (apply_scaling, box_decomposition, default_beta, distillation_loss,
+                                          point_distance_loss, scaling_statistics, soft_label_kl)
 from certdist.models.layers import Normalize
 from certdist.propagation.ibp import frozen_bn_stats, linear_interval, linear_spec_interval, propagate
 from certdist.specs import full_margin_matrix
@@ -33,6 +34,7 @@ class StepContext:
     eps_final: float      # the training eps at the end of the ramp
     reg_scale: float      # weight of the Shi et al. regulariser at this step (0 outside the ramp)
     crown_beta: float     # CROWN-IBP mixing coefficient
+    dist_scale: float = 1.0  # factor on the distillation weight beta (distill.beta_schedule)
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Teacher:
     projection: nn.Module | None = None
     cache: torch.Tensor | None = None        # [N, d] per training example
     cached: torch.Tensor | None = None       # [N] bool
+    shift: torch.Tensor | None = None        # scale-free targets: (t - shift) / scale, from the teacher's
+    scale: torch.Tensor | None = None        # training-set statistics (distill.features)
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor, idx: torch.Tensor | None, level: str) -> torch.Tensor:
@@ -85,14 +89,10 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
         logits, feats = model.forward_with_features(x)
         loss = L.standard_loss(logits, y)
         stats["acc"] = (logits.argmax(1) == y).float().mean().item()
-        if distill:
-            point = feats if cfg.distill.level == "features" else logits
-            target = teacher.targets(x, idx, cfg.distill.level)
-            if teacher.projection is not None and cfg.distill.level == "features":
-                point = teacher.projection(point)
-            d = distillation_loss(point, Interval.point(point), target, 0.0)
-            loss = loss + _beta(cfg, target) * d
-            stats["dist"] = d.item()
+        if distill:  # the clean point is the adversarial point and its own box
+            stats["cert_loss"] = loss.item()
+            loss = loss + _distill_term(cfg, ctx, model, x, idx, None, feats, logits, Interval.point(feats),
+                                        teacher, stats)
         return _finish(cfg, model, loss, stats)
 
     if method == "pgd-at":
@@ -135,6 +135,12 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
     else:
         loss = L.exp_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
 
+    stats["cert_loss"] = loss.item()
+    with torch.no_grad():  # diagnostics (issue 11): the student's feature boxes and feature norms
+        stats["feat_width"] = (feat_box.upper - feat_box.lower).mean().item()
+        if feats_adv is not None:
+            stats["feat_norm"] = feats_adv.flatten(1).norm(dim=1).mean().item()
+
     if need_all:
         # the input box in the network's (normalised) units, as in Shi et al.'s code
         in_box = inter[0] if isinstance(layers[0], Normalize) else box
@@ -143,16 +149,19 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
         stats["reg"] = reg.item()
 
     if distill:
-        loss = loss + _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats)
+        loss = loss + _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats)
     return _finish(cfg, model, loss, stats)
 
 
 def _beta(cfg: RunConfig, target: torch.Tensor) -> float:
-    return cfg.distill.beta if cfg.distill.beta is not None else default_beta(target.shape[1])
+    return cfg.distill.beta if cfg.distill.beta is not None else default_beta(target.shape[1], cfg.distill.loss)
 
 
-def _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats) -> torch.Tensor:
+def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats) -> torch.Tensor:
+    """beta * (the configured distillation loss); logs its parts for the diagnosis (issue 11)."""
     d = cfg.distill
+    if ctx.dist_scale == 0:  # switched off by the beta schedule: no teacher pass
+        return torch.zeros((), device=x.device)
     alpha = d.alpha if d.alpha is not None else (cfg.alpha if cfg.method in ("cc-ibp", "mtl-ibp", "exp-ibp") else 1.0)
     if feats_adv is None:  # methods without an attack point: the clean point (or SABR's attack point)
         with frozen_bn_stats(model):
@@ -165,9 +174,23 @@ def _distill_term(cfg, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, te
             point, box = teacher.projection(point), linear_interval(teacher.projection, box)
     else:
         point, box = logits_adv, linear_interval(model.head, feat_box)
-    loss = distillation_loss(point, box, target, alpha)
+    stats["teacher_norm"] = target.flatten(1).norm(dim=1).mean().item()
+    if d.loss == "kl":
+        loss = soft_label_kl(point, target, d.temperature)
+    else:
+        if d.features != "raw":  # both sides scale-free: the teacher by its training-set statistics,
+            target = apply_scaling(target, teacher.shift, teacher.scale)  # the student by its batch's (detached)
+            s_shift, s_scale = scaling_statistics(point, d.features)
+            point, box = apply_scaling(point, s_shift, s_scale), apply_scaling(box, s_shift, s_scale)
+        if d.loss == "point":
+            loss = point_distance_loss(point, target)
+        else:
+            loss = distillation_loss(point, box, target, alpha)
+            stats["dist_centre"], stats["dist_width"] = box_decomposition(point, box, target, alpha)
+    w = _beta(cfg, target) * ctx.dist_scale
     stats["dist"] = loss.item()
-    return _beta(cfg, target) * loss
+    stats["dist_weighted"] = w * stats["dist"]
+    return w * loss
 
 
 def _finish(cfg: RunConfig, model: nn.Module, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:

@@ -39,3 +39,15 @@ def linear_decay(step: int, start: float, end: float, start_step: int, total_ste
         return start if step <= start_step else end
     frac = min(1.0, (step - start_step) / (total_steps - start_step))
     return start + (end - start) * frac
+
+
+def distill_weight(step: int, schedule: str, ramp_end: int, total_steps: int) -> float:
+    """The factor on beta at ``step``: ``constant`` 1; ``decay`` 1 until ``ramp_end`` (the end of the eps
+    ramp), then linearly to 0 at ``total_steps``; ``late`` 0 until ``ramp_end``, then 1."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "late":
+        return 0.0 if step < ramp_end else 1.0
+    if schedule == "decay":
+        return linear_decay(step, 1.0, 0.0, ramp_end, total_steps)
+    raise ValueError(f"unknown beta schedule {schedule!r}; known: constant, decay, late")
