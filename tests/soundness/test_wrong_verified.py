@@ -287,3 +287,19 @@ def test_float32_overflow_is_not_verified(tmp_path, batched):
     assert validate_counterexample(net, torch.ones(1, 1, 1, 1), x, 1, threat)
     rec = _certify_one(net, x, 1, 0.25, tmp_path, batched_ibp=batched, attack_steps=20)
     assert rec["status"] != "verified", rec
+
+
+def test_a_bfloat16_model_is_refused(tmp_path):
+    """The tolerance is float32's: a bfloat16 network ties where its float32 twin does not (this one was
+    'verified' with the corner (0.5, 0) giving bfloat16 logits (64.5, 64.5))."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, 0.0], [1.0 + 2.0 ** -6, 1.0]]))
+        net[1].bias.fill_(64.0)
+    net = net.to(torch.bfloat16)
+    x, threat = torch.tensor([1.0, 0.5]).view(1, 2, 1, 1).to(torch.bfloat16), ThreatModel(0.5)
+    assert validate_counterexample(net, torch.tensor([0.5, 0.0]).view(1, 2, 1, 1).to(torch.bfloat16), x, 1, threat)
+    with pytest.raises(ValueError, match="float32"):
+        certify_dataset(net, x, torch.tensor([1]), threat, tmp_path / "o.jsonl", **QUIET)
+    with pytest.raises(ValueError, match="float32"):
+        certify_point(net, x.float(), 1, threat, CertifyConfig(attack_steps=0))

@@ -162,3 +162,13 @@ def test_the_package_ships_its_yaml_configs():
     # a packaged config is found by name from any folder (non-editable installs)
     assert resolve_config_path("small/mnist_cc-ibp.yaml").is_file()
     assert load_config("configs/small/mnist_cc-ibp.yaml").method == "cc-ibp"
+
+
+def test_a_float64_model_gets_a_clear_error_not_a_dtype_traceback(tmp_path):
+    net = sequential_twin(random_net("mlp", 3).eval()).double()
+    x, y = self_labelled_points(random_net("mlp", 3).eval(), 4)
+    for fn in (certdist.evaluate, certdist.certify):
+        with pytest.raises(ValueError, match=r"float32 model.*model\.float\(\)"):
+            fn(net, (x, y), 0.01)
+    with pytest.raises(ValueError, match="images must be float32"):
+        certdist.certify_dataset(net.float(), x.double(), y, ThreatModel(0.01), tmp_path / "o.jsonl", progress=False)
