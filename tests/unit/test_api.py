@@ -172,3 +172,13 @@ def test_a_float64_model_gets_a_clear_error_not_a_dtype_traceback(tmp_path):
             fn(net, (x, y), 0.01)
     with pytest.raises(ValueError, match="images must be float32"):
         certdist.certify_dataset(net.float(), x.double(), y, ThreatModel(0.01), tmp_path / "o.jsonl", progress=False)
+
+
+def test_fit_refuses_a_float64_model_or_a_non_linear_head_before_making_a_run_folder(tmp_path):
+    loader = [(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    head_relu = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU())
+    as_double = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    for model, err in ((head_relu, TypeError), (as_double, ValueError)):
+        with pytest.raises(err, match="nn.Linear|float32"):
+            certdist.fit(model, loader, epochs=1, out_dir=str(tmp_path), name="run", progress=False)
+    assert not (tmp_path / "run").exists()
