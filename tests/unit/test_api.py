@@ -109,6 +109,8 @@ def test_autoattack_is_the_standard_version_and_named_in_the_results():
     assert (apgd_t.steps, apgd_t.n_target_classes) == (100, 9)
     assert (fab_t.steps, fab_t.multi_targeted, fab_t.n_target_classes) == (100, True, 9)
     assert square.n_queries == 5000
+    _, apgd_t, fab_t, _ = standard_attacks(net, 8 / 255, num_classes=200)  # TinyImageNet: still 9 targets
+    assert apgd_t.n_target_classes == fab_t.n_target_classes == 9
     x, y = self_labelled_points(net, 24)
     threat = ThreatModel(0.3)  # large: APGD-CE breaks every point, the later attacks have nothing left
     r = certdist.evaluation.evaluate(net, x, y, threat, progress=False, attack_name="autoattack")
