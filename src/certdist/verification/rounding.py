@@ -91,8 +91,9 @@ def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
         return _no_overflow(s * e + gamma(12) * (s * (mag + mean) + t) + 4 * UNDERFLOW * (1 + mag + mean), peak)
     if isinstance(m, nn.AvgPool2d):  # a sum of k*k terms, then one division; weights > 0
         kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
-        peak = kh * kw * mag.amax()  # the window sum, before the division
-        return _no_overflow(m(e) + gamma(kh * kw + 2) * m(mag) + UNDERFLOW, peak.expand_as(m(e)))
+        out = m(e) + gamma(kh * kw + 2) * m(mag) + UNDERFLOW
+        peak = kh * kw * mag.flatten(1).amax(1)  # the window sum (before the division), per sample
+        return _no_overflow(out, peak.view(-1, *[1] * (out.dim() - 1)).expand_as(out))
     raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
 
 
