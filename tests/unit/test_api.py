@@ -184,3 +184,14 @@ def test_fit_refuses_a_float64_model_or_a_non_linear_head_before_making_a_run_fo
         with pytest.raises(err, match="nn.Linear|float32"):
             certdist.fit(model, loader, epochs=1, out_dir=str(tmp_path), name="run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_certify_resumes_its_file_with_a_larger_limit(tmp_path):
+    """The records carry the data hash: it must be that of the loader, not of its first `limit` points."""
+    net = random_net("mlp", 3).eval()
+    x, y = self_labelled_points(net, 5)
+    out = tmp_path / "c.jsonl"
+    quick = dict(out=out, attack_steps=2, restarts=1, complete="none")
+    assert certdist.certify(net, (x, y), 0.01, limit=2, **quick)["n"] == 2
+    assert certdist.certify(net, (x, y), 0.01, limit=4, **quick)["n"] == 4
+    assert len(certdist.verification.read_records(out)) == 4
