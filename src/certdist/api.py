@@ -50,10 +50,11 @@ def certify(model: nn.Module, loader: Iterable, eps: float | str | ThreatModel, 
     from certdist.verification.certify import certify_dataset, read_records
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all points), got {limit}")
+    if out is not None:  # the whole loader, as the command line: the file's data hash then does not depend on limit
+        images, labels = loader_tensors(loader)
+        return certify_dataset(model, images, labels, _threat(eps), out, timeout=timeout, limit=limit,
+                               complete=complete, progress=progress, **options)
     images, labels = loader_tensors(loader, limit)
-    if out is not None:
-        return certify_dataset(model, images, labels, _threat(eps), out, timeout=timeout, complete=complete,
-                               progress=progress, **options)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "certify.jsonl"
         summary = certify_dataset(model, images, labels, _threat(eps), path, timeout=timeout, complete=complete,

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from certdist.attacks.apgd import apgd_ensemble
 from certdist.attacks.pgd import pgd
-from certdist.models.cnn import as_certifiable
+from certdist.models.cnn import as_certifiable, check_float32
 from certdist.propagation.ibp import exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
@@ -58,6 +58,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
     run_attack = attack and threat.eps > 0
     desc = attack_description(attack_name, pgd_steps, pgd_restarts, pgd_step_size) if run_attack else "none"
     net = as_certifiable(model)
+    check_float32(net, "evaluate")
     was_training = net.training
     net.eval()
     clean = adv = cert = 0

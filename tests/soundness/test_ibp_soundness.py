@@ -89,3 +89,18 @@ def test_zero_eps_collapses_to_forward():
         z = net(x)
     torch.testing.assert_close(out.lower, z, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.upper, z, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["normalize", "avgpool"])
+def test_decreasing_normalize_or_avgpool_is_refused(layer):
+    """IBP maps the ends of the interval to the ends, which needs an increasing map: a Normalize with a
+    negative std (from a loaded state_dict) or an AvgPool2d with a negative divisor_override gave a
+    swapped interval, and certify's batched pre-pass answered 'verified' for a point the attack falsifies."""
+    if layer == "normalize":
+        first = Normalize([0.0], [1.0])
+        first.load_state_dict({"mean": torch.zeros(1, 1, 1, 1), "std": -torch.ones(1, 1, 1, 1)})
+    else:
+        first = nn.AvgPool2d(1, divisor_override=-1)
+    net = nn.Sequential(first, nn.Flatten(), nn.Linear(1, 2)).eval()
+    with pytest.raises(ValueError, match="std|divisor_override"):
+        ibp(net, torch.full((1, 1, 1, 1), 0.5), ThreatModel(0.2))

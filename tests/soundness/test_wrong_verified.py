@@ -248,3 +248,58 @@ def test_certify_point_verifies_the_eval_mode_network():
     assert net.training and all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     ref = [certify_point(eval_copy(net), X[i:i + 1], int(Y[i]), ThreatModel(0.02), cfg, i) for i in range(2)]
     assert [(r["status"], r["stage"]) for r in recs] == [(r["status"], r["stage"]) for r in ref]
+
+
+# --- float32 underflow and overflow (review) --------------------------------------------------------
+
+def _certify_one(net: nn.Module, x: torch.Tensor, y: int, eps: float, tmp_path, **kw) -> dict:
+    out = tmp_path / "out.jsonl"
+    if out.exists():
+        out.unlink()
+    certify_dataset(net, x, torch.tensor([y]), ThreatModel(eps), out, **{**QUIET, "timeout": 3.0, **kw})
+    (rec,) = read_records(out)
+    return rec
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_subnormal_products_are_covered(tmp_path, batched):
+    """Logits in the subnormal range: float32 products lose all relative precision (2.4 * 2^-149 and
+    1.6 * 2^-149 both round to 2 * 2^-149, a tie) although the exact margin is positive on the box."""
+    t = 2.0 ** -149
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1, 2, bias=False)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[2 * t], [3 * t]]))
+    x, threat = torch.ones(1, 1, 1, 1), ThreatModel(0.5)
+    assert validate_counterexample(net, torch.full((1, 1, 1, 1), 0.8), x, 1, threat)
+    rec = _certify_one(net, x, 1, 0.5, tmp_path, batched_ibp=batched)
+    assert rec["status"] != "verified", rec
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_float32_overflow_is_not_verified(tmp_path, batched):
+    """Logits beyond float32's range: both become inf in float32 (a tie, argmax picks class 0) while the
+    exact margin is ~1e38 > 0."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(1, 1, bias=False), nn.ReLU(), nn.Linear(1, 2, bias=False)).eval()
+    with torch.no_grad():
+        net[1].weight.fill_(3e38)
+        net[3].weight.copy_(torch.tensor([[1.5], [2.0]]))
+    x, threat = torch.full((1, 1, 1, 1), 0.75), ThreatModel(0.25)
+    assert validate_counterexample(net, torch.ones(1, 1, 1, 1), x, 1, threat)
+    rec = _certify_one(net, x, 1, 0.25, tmp_path, batched_ibp=batched, attack_steps=20)
+    assert rec["status"] != "verified", rec
+
+
+def test_a_bfloat16_model_is_refused(tmp_path):
+    """The tolerance is float32's: a bfloat16 network ties where its float32 twin does not (this one was
+    'verified' with the corner (0.5, 0) giving bfloat16 logits (64.5, 64.5))."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([[1.0, 0.0], [1.0 + 2.0 ** -6, 1.0]]))
+        net[1].bias.fill_(64.0)
+    net = net.to(torch.bfloat16)
+    x, threat = torch.tensor([1.0, 0.5]).view(1, 2, 1, 1).to(torch.bfloat16), ThreatModel(0.5)
+    assert validate_counterexample(net, torch.tensor([0.5, 0.0]).view(1, 2, 1, 1).to(torch.bfloat16), x, 1, threat)
+    with pytest.raises(ValueError, match="float32"):
+        certify_dataset(net, x, torch.tensor([1]), threat, tmp_path / "o.jsonl", **QUIET)
+    with pytest.raises(ValueError, match="float32"):
+        certify_point(net, x.float(), 1, threat, CertifyConfig(attack_steps=0))

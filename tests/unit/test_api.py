@@ -109,6 +109,8 @@ def test_autoattack_is_the_standard_version_and_named_in_the_results():
     assert (apgd_t.steps, apgd_t.n_target_classes) == (100, 9)
     assert (fab_t.steps, fab_t.multi_targeted, fab_t.n_target_classes) == (100, True, 9)
     assert square.n_queries == 5000
+    _, apgd_t, fab_t, _ = standard_attacks(net, 8 / 255, num_classes=200)  # TinyImageNet: still 9 targets
+    assert apgd_t.n_target_classes == fab_t.n_target_classes == 9
     x, y = self_labelled_points(net, 24)
     threat = ThreatModel(0.3)  # large: APGD-CE breaks every point, the later attacks have nothing left
     r = certdist.evaluation.evaluate(net, x, y, threat, progress=False, attack_name="autoattack")
@@ -162,3 +164,34 @@ def test_the_package_ships_its_yaml_configs():
     # a packaged config is found by name from any folder (non-editable installs)
     assert resolve_config_path("small/mnist_cc-ibp.yaml").is_file()
     assert load_config("configs/small/mnist_cc-ibp.yaml").method == "cc-ibp"
+
+
+def test_a_float64_model_gets_a_clear_error_not_a_dtype_traceback(tmp_path):
+    net = sequential_twin(random_net("mlp", 3).eval()).double()
+    x, y = self_labelled_points(random_net("mlp", 3).eval(), 4)
+    for fn in (certdist.evaluate, certdist.certify):
+        with pytest.raises(ValueError, match=r"float32 model.*model\.float\(\)"):
+            fn(net, (x, y), 0.01)
+    with pytest.raises(ValueError, match="images must be float32"):
+        certdist.certify_dataset(net.float(), x.double(), y, ThreatModel(0.01), tmp_path / "o.jsonl", progress=False)
+
+
+def test_fit_refuses_a_float64_model_or_a_non_linear_head_before_making_a_run_folder(tmp_path):
+    loader = [(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    head_relu = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU())
+    as_double = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    for model, err in ((head_relu, TypeError), (as_double, ValueError)):
+        with pytest.raises(err, match="nn.Linear|float32"):
+            certdist.fit(model, loader, epochs=1, out_dir=str(tmp_path), name="run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_certify_resumes_its_file_with_a_larger_limit(tmp_path):
+    """The records carry the data hash: it must be that of the loader, not of its first `limit` points."""
+    net = random_net("mlp", 3).eval()
+    x, y = self_labelled_points(net, 5)
+    out = tmp_path / "c.jsonl"
+    quick = dict(out=out, attack_steps=2, restarts=1, complete="none")
+    assert certdist.certify(net, (x, y), 0.01, limit=2, **quick)["n"] == 2
+    assert certdist.certify(net, (x, y), 0.01, limit=4, **quick)["n"] == 4
+    assert len(certdist.verification.read_records(out)) == 4

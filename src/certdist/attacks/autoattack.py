@@ -35,12 +35,15 @@ def autoattack_description() -> str:
 
 
 def standard_attacks(model: nn.Module, eps: float, num_classes: int, seed: int = 0) -> list:
-    """The four ``torchattacks`` attacks of the standard AutoAttack, with the reference settings."""
+    """The four ``torchattacks`` attacks of the standard AutoAttack, with the reference settings (at most 9
+    target classes, whatever the number of classes: torchattacks targets all ``n_classes - 1`` others and
+    uses ``n_classes`` for nothing else, so it is capped at 10)."""
     ta = _torchattacks()
+    n_classes = min(num_classes, 10)
     return [ta.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
-            ta.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=num_classes, seed=seed),
+            ta.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, n_classes=n_classes, seed=seed),
             ta.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-                   n_classes=num_classes, seed=seed),
+                   n_classes=n_classes, seed=seed),
             ta.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed)]
 
 

@@ -1,7 +1,7 @@
 """Model registry: ``build_model(name, spec)``."""
 from __future__ import annotations
 
-from certdist.models.cnn import MODELS, CertifiableNet, InputSpec, as_certifiable, flat_layers
+from certdist.models.cnn import MODELS, CertifiableNet, InputSpec, as_certifiable, check_float32, flat_layers
 from certdist.models.init import ibp_init
 from certdist.models.layers import Normalize
 
@@ -17,5 +17,5 @@ def build_model(name: str, spec: InputSpec, init: str = "ibp") -> CertifiableNet
     return model
 
 
-__all__ = ["MODELS", "CertifiableNet", "InputSpec", "Normalize", "as_certifiable", "build_model", "flat_layers",
+__all__ = ["MODELS", "CertifiableNet", "InputSpec", "Normalize", "as_certifiable", "build_model", "check_float32", "flat_layers",
            "ibp_init"]

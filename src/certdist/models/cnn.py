@@ -76,6 +76,17 @@ def flat_layers(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def check_float32(model: nn.Module, what: str) -> None:
+    """Raise ValueError unless every floating parameter and buffer of ``model`` is float32: verdicts and
+    metrics are about the float32 network (the verifier's rounding tolerance is float32's)."""
+    bad = sorted({str(t.dtype) for t in [*model.parameters(), *model.buffers()]
+                  if t.is_floating_point() and t.dtype != torch.float32})
+    if bad:
+        raise ValueError(f"{what} needs a float32 model (verdicts are about the float32 network, with float32's "
+                         f"rounding tolerance), got parameters/buffers of dtype {', '.join(bad)}; convert it "
+                         "with model.float()")
+
+
 def as_certifiable(model: nn.Module) -> CertifiableNet:
     """``model`` as a :class:`CertifiableNet`: itself if it is one, else (an ``nn.Sequential``) a view
     whose ``features`` are all layers but the last and whose ``head`` is the final ``nn.Linear``.

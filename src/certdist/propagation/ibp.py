@@ -78,11 +78,15 @@ def _flatten(m: nn.Flatten, inp: Interval, ref):
 @register(Normalize)
 def _normalize(m: Normalize, inp: Interval, ref):
     # std > 0: the map is increasing, so the ends map to the ends.
+    if not bool((m.std > 0).all()):  # the constructor checks it, a loaded state_dict may not
+        raise ValueError(f"Normalize with a std that is not positive ({m.std.flatten().tolist()}) cannot be bounded")
     return inp.map(m), (None if ref is None else m(ref))
 
 
 @register(nn.AvgPool2d)
 def _avgpool(m: nn.AvgPool2d, inp: Interval, ref):
+    if m.divisor_override is not None and m.divisor_override <= 0:  # the map must be increasing
+        raise ValueError(f"AvgPool2d with divisor_override={m.divisor_override} (not positive) is not supported")
     return inp.map(m), (None if ref is None else m(ref))
 
 

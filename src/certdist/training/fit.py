@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from certdist.config import from_dict, to_dict
-from certdist.models import as_certifiable
+from certdist.models import as_certifiable, check_float32
 from certdist.training import checkpoint as ckpt
 from certdist.training.distributed import Dist
 from certdist.training.loop import (TrainingError, check_runtime, make_teacher, prepare_run_dir, resolve_device,
@@ -110,13 +110,15 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
         data["distill"] = distill
     cfg = from_dict(data)
     check_runtime(cfg)
+    net = as_certifiable(model)  # the model's errors before a run folder is made
+    check_float32(net, "fit")
     dd = Dist()
     run_dir = prepare_run_dir(cfg, dd, resume, overwrite)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    net = as_certifiable(model).to(device)
+    net = net.to(device)
     t = None
     if teacher is not None:
         if isinstance(teacher, (str, os.PathLike)):

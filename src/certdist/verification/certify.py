@@ -46,6 +46,7 @@ from torch import nn
 
 from certdist.attacks.pgd import pgd
 from certdist.bounds import Interval
+from certdist.models.cnn import check_float32
 from certdist.propagation.ibp import check_fixed_batchnorm, exact_fp32, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
@@ -151,7 +152,9 @@ class Verifier:
 
 def prepare(model: nn.Module, input_shape: tuple[int, ...], cfg: CertifyConfig,
             dense: DenseNet | str | None = None) -> Verifier:
-    """Eval-mode copies of ``model`` (float32 and float64) and its dense form (``dense`` if given)."""
+    """Eval-mode copies of ``model`` (float32 and float64) and its dense form (``dense`` if given).
+    Raises ValueError on a model that is not float32."""
+    check_float32(model, "certify")
     net = eval_copy(model)
     net64 = copy.deepcopy(net).double()
     return Verifier(net, net64, _dense_or_reason(net, input_shape, cfg) if dense is None else dense)
@@ -552,9 +555,9 @@ def _resume(out: Path, threat: ThreatModel, fp: dict[str, Any]) -> set[int]:
 # The dataset entry point.
 
 def _check_inputs(images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel) -> None:
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [{threat.data_min}, {threat.data_max}], got "
-                         f"{images.dtype} (convert uint8 images with .float() / 255)")
+    if images.dtype != torch.float32:
+        raise ValueError(f"images must be float32 in [{threat.data_min}, {threat.data_max}], got "
+                         f"{images.dtype} (convert them with .float(); uint8 images with .float() / 255)")
     if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}")

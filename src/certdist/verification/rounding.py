@@ -11,7 +11,11 @@ Algorithms*, 2002, ch. 3): with ``u = 2^-24`` and ``gamma(n) = n u / (1 - n u)``
 
     |W| e_in + gamma(fan_in + 1) (|W| m + |b|),
 
-``m`` taken from interval bounds of the exact activations over the box (plus ``e_in``). ReLU does not
+``m`` taken from interval bounds of the exact activations over the box (plus ``e_in``), plus an absolute
+``(fan_in + 1) * 2^-149`` for products that underflow into the subnormal range (Higham's model
+``fl(a * b) = a b (1 + d) + h``, ``|h| <= 2^-150``; sums of subnormals are exact). A layer whose float32
+intermediate values can reach the float32 overflow threshold (``inf`` in float32, finite in the exact
+function) gets an infinite bound: nothing is proved there. ReLU does not
 increase the error, and zeroes it where the pre-activation is ``<= -e_in`` on the whole box. A margin
 row ``c`` is then safe in float32 when its exact lower bound exceeds ``|c|^T e`` (for ``e_y - e_j``:
 ``e_y + e_j``; strict, so a float32 tie, which ``argmax`` may break either way, is excluded too).
@@ -32,6 +36,8 @@ from certdist.propagation.crown import layers_of
 from certdist.propagation.ibp import batchnorm_affine, propagate
 
 UNIT_ROUNDOFF = 2.0 ** -24  # float32
+UNDERFLOW = 2.0 ** -149  # float32's smallest subnormal: twice the absolute error of an underflowing product
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def gamma(n: int, u: float = UNIT_ROUNDOFF) -> float:
@@ -45,6 +51,12 @@ def _magnitude(iv: Interval, e: torch.Tensor) -> torch.Tensor:
     return torch.maximum(iv.lower.abs(), iv.upper.abs()) + e
 
 
+def _no_overflow(e: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``e`` where ``peak`` (a bound on every float32 intermediate of an output: products, partial sums)
+    stays clear of float32 overflow, else ``inf`` (a float32 ``inf``/NaN logit can flip any class)."""
+    return torch.where(peak * (1 + 1e-3) < FLOAT32_MAX, e, torch.full_like(e, float("inf")))
+
+
 def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
     """Error bound after layer ``m`` given the exact input interval ``inp`` and the input error ``e``."""
     if isinstance(m, nn.ReLU):
@@ -55,26 +67,33 @@ def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
     if isinstance(m, nn.Linear):
         W = m.weight.abs()
         b = m.bias.abs() if m.bias is not None else 0.0
-        return F.linear(e, W) + gamma(m.in_features + 1) * (F.linear(mag, W) + b)
+        peak = F.linear(mag, W) + b
+        return _no_overflow(F.linear(e, W) + gamma(m.in_features + 1) * peak + (m.in_features + 1) * UNDERFLOW, peak)
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros":
             raise TypeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
         W = m.weight.abs()
         conv = lambda t: F.conv2d(t, W, None, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
         b = m.bias.abs().view(1, -1, 1, 1) if m.bias is not None else 0.0
-        return conv(e) + gamma(W[0].numel() + 1) * (conv(mag) + b)
+        n = W[0].numel()
+        peak = conv(mag) + b
+        return _no_overflow(conv(e) + gamma(n + 1) * peak + (n + 1) * UNDERFLOW, peak)
     if isinstance(m, Normalize):  # (x - mean) / std: two roundings
-        return (e + gamma(3) * (mag + m.mean.abs())) / m.std
+        peak = (mag + m.mean.abs()) / m.std
+        return _no_overflow((e + gamma(3) * (mag + m.mean.abs())) / m.std + 2 * UNDERFLOW, peak)
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         # scale = w / sqrt(var + eps) and the shift are themselves rounded: a few more roundings
         scale, shift = batchnorm_affine(m, None)
         view = [1, -1] + [1] * (e.dim() - 2)
         s, t = scale.abs().view(view), shift.abs().view(view)
         mean = m.running_mean.abs().view(view)
-        return s * e + gamma(12) * (s * (mag + mean) + t)
+        peak = s * (mag + mean) + t + (m.bias.abs().view(view) if m.bias is not None else 0.0)
+        return _no_overflow(s * e + gamma(12) * (s * (mag + mean) + t) + 4 * UNDERFLOW * (1 + mag + mean), peak)
     if isinstance(m, nn.AvgPool2d):  # a sum of k*k terms, then one division; weights > 0
         kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
-        return m(e) + gamma(kh * kw + 2) * m(mag)
+        out = m(e) + gamma(kh * kw + 2) * m(mag) + UNDERFLOW
+        peak = kh * kw * mag.flatten(1).amax(1)  # the window sum (before the division), per sample
+        return _no_overflow(out, peak.view(-1, *[1] * (out.dim() - 1)).expand_as(out))
     raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
 
 
