@@ -79,19 +79,18 @@ else:
 class CertifyConfig:
     """Everything that determines a verdict (saved in every record's ``config`` hash-free form).
 
-    ``timeout``: seconds per point, all stages together. ``complete``: ``auto`` (the exact MILP when
-    the network has a dense form and the point has at most ``milp_max_unstable`` unstable ReLUs after
-    CROWN, else ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network),
-    ``bab`` (branch and bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense
-    form only) or ``none``. ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``:
-    alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta
-    optimisation steps per batch. ``max_dense_weights``: complete verification needs the network as
-    dense matrices of at most this many entries each. ``counterexample_dir``: also save each
-    counterexample as ``<index>.pt`` there. ``batched_ibp``: decide misclassified and IBP-verified
-    points for the whole file in batches first (``batch_size`` points at a time) and run the per-point
-    pipeline on the rest only; the verdicts are those of the per-point order, since a point that IBP
-    proves robust can have no counterexample for the attack to find (only the times differ: such a
-    point is charged its share of the batch's time)."""
+    ``timeout``: seconds per point, all stages together. ``complete``: ``auto`` (the exact MILP when the
+    network has a dense form and the point has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else
+    ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network), ``bab`` (branch and
+    bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense form only) or ``none``.
+    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``: alpha-CROWN steps
+    (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta optimisation steps per batch.
+    ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
+    entries each. ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
+    ``batched_ibp``: decide misclassified and IBP-verified points for the whole file in batches first
+    (``batch_size`` points at a time) and run the per-point pipeline on the rest only; the verdicts are those
+    of the per-point order, since a point that IBP proves robust can have no counterexample for the attack to
+    find (only the times differ: such a point is charged its share of the batch's time)."""
 
     timeout: float = 10.0
     complete: str = "auto"
@@ -617,11 +616,11 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     Points already in ``out_path`` are skipped (resume) when the file's records are of the same model
     state, data and verdict-relevant settings (:func:`fingerprint`, saved in every record); otherwise
     ValueError. ``shard=(i, n)`` processes the indices with ``index % n == i``. ``timeout``: seconds per
-    point. ``complete``: ``auto`` | ``chain-bab`` | ``bab`` | ``milp`` | ``none`` (see :class:`CertifyConfig`).
-    Other :class:`CertifyConfig` fields
-    can be given as keyword ``options`` (or a whole ``config``, which the explicit arguments then
-    override). Returns :func:`summarize` of the records of the points asked for (this shard's among the
-    first ``limit``; none for ``limit=0``); print it with :func:`format_summary`."""
+    point. ``complete``: ``auto`` | ``chain-bab`` | ``bab`` | ``milp`` | ``none`` (see
+    :class:`CertifyConfig`). Other :class:`CertifyConfig` fields can be given as keyword ``options`` (or a
+    whole ``config``, which the explicit arguments then override). Returns :func:`summarize` of the records of
+    the points asked for (this shard's among the first ``limit``; none for ``limit=0``); print it with
+    :func:`format_summary`."""
     i_shard, n_shard = shard
     if not (n_shard >= 1 and 0 <= i_shard < n_shard):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")

@@ -5,13 +5,14 @@ conv nets beyond DM-small do not fit. This one works on ``model.layers()`` throu
 engine (:mod:`certdist.propagation.crown`: convolutions stay convolutions, intermediate bounds go
 through windows), in ``dtype`` (default float64, on a copy of the eval-mode model).
 
-The root's pre-activation bounds are CROWN's for the neurons IBP leaves unstable, intersected with
-IBP (``intermediate="best"``), or the caller's (``root_bounds``, e.g. the certify pipeline's full-CROWN
-bounds, which it has computed already) intersected with IBP. A *domain* is the input box with pre-activation bounds per ReLU in which some unstable neurons are
-split (``l = 0``: active, ``u = 0``: inactive). Each step pops the ``batch`` domains with the lowest
-bounds, splits each on the neuron with the largest BaBSR score (Bunel et al. 2020: the coefficient of
-the margin's backward bound on the ReLU output times the chord's intercept ``-l u / (u - l)``, the
-relaxation error the split removes; ties broken by the intercept), and bounds all children at once:
+The root's pre-activation bounds are CROWN's for the neurons IBP leaves unstable, intersected with IBP
+(``intermediate="best"``), or the caller's (``root_bounds``, e.g. the certify pipeline's full-CROWN
+bounds, which it has computed already) intersected with IBP. A *domain* is the input box with
+pre-activation bounds per ReLU in which some unstable neurons are split (``l = 0``: active, ``u = 0``:
+inactive). Each step pops the ``batch`` domains with the lowest bounds, splits each on the neuron with
+the largest BaBSR score (Bunel et al. 2020: the coefficient of the margin's backward bound on the ReLU
+output times the chord's intercept ``-l u / (u - l)``, the relaxation error the split removes; ties
+broken by the intercept), and bounds all children at once:
 
 - the still-unstable neurons of the ReLUs after the split are re-bounded by CROWN given the splits and
   intersected with the parent's bounds (:func:`~certdist.propagation.crown.tighten_intermediate`);
