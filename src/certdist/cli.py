@@ -272,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=10.0, help="seconds per point")
     c.add_argument("--limit", type=int)
     c.add_argument("--shard", help="i/n: this worker's share of the points")
-    c.add_argument("--complete", default="auto", choices=["auto", "bab", "milp", "none"])
+    c.add_argument("--complete", default="auto", choices=["auto", "chain-bab", "bab", "milp", "none"],
+                   help="complete verifier for the points the bound stages leave open: auto (default: the exact "
+                   "MILP when few ReLUs are unstable and the net has a dense form, else chain-bab), chain-bab "
+                   "(branch and bound on the layer chain), bab (branch and bound on the dense form), milp, none")
     c.add_argument("--attack-steps", type=int, default=100, help="PGD steps of the attack stage")
     c.add_argument("--restarts", type=int, default=5, help="PGD restarts of the attack stage")
     c.add_argument("--out", help="JSON-lines output (resumed if it exists)")

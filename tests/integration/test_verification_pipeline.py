@@ -114,6 +114,65 @@ def test_nets_without_a_dense_form_go_to_chain_bab(net_data, tmp_path):
             assert validate_counterexample(net, cex, X[i:i + 1], int(Y[i]), threat)
 
 
+def _certify_runs(net, X, Y, eps, tmp_path, **runs) -> dict[str, dict[int, dict]]:
+    """Records by index of one certify run per named set of options (weak attack, no alpha-CROWN, so
+    that the complete verifiers decide the hard points)."""
+    opts = dict(FAST, attack_steps=0, restarts=1, alpha_iterations=0)
+    out = {}
+    for name, kw in runs.items():
+        certify_dataset(net, X, Y, ThreatModel(eps), tmp_path / f"{name}.jsonl", **{**opts, **kw})
+        out[name] = {r["index"]: r for r in read_records(tmp_path / f"{name}.jsonl")}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_auto_verdicts_equal_the_milp(net_data, tmp_path, kind):
+    """``complete="auto"`` (the MILP on these small nets) and auto forced to chain BaB
+    (``milp_max_unstable=0``) give the exact MILP's verdicts, on an MLP and on a conv net."""
+    if kind == "mlp":
+        (net, X, Y), eps = net_data, 0.08
+    else:
+        net, eps = random_net("conv", 1), 0.02
+        X, Y = self_labelled_points(net, 12, seed=5)
+    runs = _certify_runs(net, X, Y, eps, tmp_path, milp=dict(complete="milp"), auto=dict(complete="auto"),
+                         chain=dict(complete="auto", milp_max_unstable=0))
+    status = {name: {i: r["status"] for i, r in recs.items()} for name, recs in runs.items()}
+    assert status["auto"] == status["milp"] == status["chain"]
+    hard = {name: [r for r in recs.values() if r["stage"] in ("milp", "chain-bab")] for name, recs in runs.items()}
+    assert hard["milp"] and {"verified", "falsified"} <= set(status["milp"].values())
+    if kind == "conv":  # the complete verifiers prove some points and falsify others
+        assert {r["status"] for r in hard["milp"]} == {"verified", "falsified"}
+    assert all(r["stage"] == "milp" and r["unstable"] <= 64 for r in hard["auto"])
+    assert all(r["stage"] == ("chain-bab" if r["unstable"] > 0 else "milp") for r in hard["chain"])
+    assert any(r["stage"] == "chain-bab" for r in hard["chain"])
+
+
+def test_auto_picks_chain_bab_above_milp_max_unstable(net_data, tmp_path, monkeypatch):
+    """Under ``auto`` a hard point goes to the MILP iff it has at most ``milp_max_unstable`` unstable ReLUs
+    after CROWN, else to chain BaB, which starts from the CROWN stage's intermediate bounds."""
+    import certdist.verification.certify as certify_mod
+    net, X, Y = net_data
+    counts = [r["unstable"] for r in _certify_runs(net, X, Y, 0.08, tmp_path, probe={})["probe"].values()
+              if "unstable" in r]
+    limit = sorted(counts)[len(counts) // 2]
+    assert min(counts) <= limit < max(counts)
+    roots = []
+
+    def spy(*args, root_bounds=None, **kwargs):
+        roots.append(root_bounds)
+        return chain_bab_verify(*args, root_bounds=root_bounds, **kwargs)
+    chain_bab_verify = certify_mod.chain_bab_verify
+    monkeypatch.setattr(certify_mod, "chain_bab_verify", spy)
+    recs = _certify_runs(net, X, Y, 0.08, tmp_path, split=dict(milp_max_unstable=limit))["split"].values()
+    hard = [r for r in recs if "unstable" in r]
+    assert len(hard) == len(counts)
+    assert all(r["stage"] == ("milp" if r["unstable"] <= limit else "chain-bab") for r in hard)
+    assert all(r["status"] in ("verified", "falsified") for r in hard)
+    assert len(roots) == sum(r["stage"] == "chain-bab" for r in hard) > 0
+    assert all(b is not None and len(b) == 2 for b in roots)  # the MLP's two ReLU layers
+
+
 def test_train_mode_model_is_verified_in_eval_mode(tmp_path):
     net, X, Y = trained_net(1, bn=True)
     net.train()

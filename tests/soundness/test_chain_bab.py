@@ -102,6 +102,32 @@ def test_chain_bab_rejects_bad_input():
         chain_bab_verify(net, x, ThreatModel(0.1), torch.eye(3), 1.0, lambda p: None)
     with pytest.raises(ValueError, match="C must"):
         chain_bab_verify(net, x[:1], ThreatModel(0.1), torch.eye(3)[0], 1.0, lambda p: None)
+    iv = Interval(torch.zeros(1, 3, 5, 5), torch.ones(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="one Interval per ReLU"):
+        chain_bab_verify(net, x[:1], ThreatModel(0.1), torch.eye(3), 1.0, lambda p: None, root_bounds=[iv])
+    with pytest.raises(ValueError, match="shape"):
+        chain_bab_verify(net, x[:1], ThreatModel(0.1), torch.eye(3), 1.0, lambda p: None, root_bounds=[iv] * 3)
+
+
+def test_root_bounds_are_used_and_nan_falls_back_to_ibp():
+    """Given root bounds replace the root's CROWN pass: point bounds at the clean input's pre-activations
+    make every ReLU stable, so the search makes no split (without them it splits); NaN bounds (overflow)
+    fall back to IBP, which still decides the row."""
+    net = tiny_conv_net(0)
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(3))
+    y = int(net(x).argmax(1))
+    C = margin_matrix(torch.tensor([y]), 3)[0]
+    threat = ThreatModel(0.08)
+    # point bounds: not valid over the box, only to show that they are what the search starts from
+    pre = [Interval(z.double(), z.double()) for z in relu_inputs(net, x)]
+    res = chain_bab_verify(net, x, threat, C, 0.5, _checker(net, x, y, threat), root_bounds=pre, alpha_steps=0)
+    ref = chain_bab_verify(net, x, threat, C, 0.5, _checker(net, x, y, threat), alpha_steps=0)
+    assert res.domains == len(C) < ref.domains  # one root per row, no split
+    threat = ThreatModel(0.03)
+    nan = [Interval(torch.full_like(iv.lower, float("nan")), torch.full_like(iv.upper, float("nan"))) for iv in pre]
+    ref = chain_bab_verify(net, x, threat, C, 3.0, _checker(net, x, y, threat), alpha_steps=0)
+    res = chain_bab_verify(net, x, threat, C, 3.0, _checker(net, x, y, threat), root_bounds=nan, alpha_steps=0)
+    assert res.status == ref.status == "verified"
 
 
 @pytest.mark.parametrize("seed", [0, 1])

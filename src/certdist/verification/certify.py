@@ -5,9 +5,10 @@ Per point, in order (the first conclusive stage ends the point):
 1. ``clean``: the eval-mode network misclassifies ``x`` -> ``misclassified``;
 2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
 3. ``ibp`` -> ``crown`` -> ``alpha-crown``: every margin proved -> ``verified``;
-4. complete verification with the time left (``bab`` or ``milp``, chosen by size under
-   ``complete="auto"``; ``chain-bab``, branch and bound on the layer chain, for networks that have no
-   dense form) -> ``verified`` / ``falsified``;
+4. complete verification with the time left -> ``verified`` / ``falsified``: under ``complete="auto"``
+   the exact ``milp`` when the network has a dense form and few ReLUs are unstable after CROWN, else
+   ``chain-bab`` (branch and bound on the layer chain, started from the CROWN stage's intermediate
+   bounds); ``bab`` (dense branch and bound), ``milp`` and ``chain-bab`` can be asked for;
 5. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
    float32 tolerance that no counterexample realises).
 
@@ -57,7 +58,7 @@ from certdist.verification.milp import milp_verify
 from certdist.verification.rounding import fp32_error_bound, margin_tolerance, proved
 
 STATUSES = ("misclassified", "falsified", "verified", "unknown")
-COMPLETE_METHODS = ("auto", "bab", "milp", "none")
+COMPLETE_METHODS = ("auto", "chain-bab", "bab", "milp", "none")
 BOUND_STAGES = ("ibp", "crown", "alpha-crown")
 CEX_TOL = 1e-6
 
@@ -79,17 +80,18 @@ else:
 class CertifyConfig:
     """Everything that determines a verdict (saved in every record's ``config`` hash-free form).
 
-    ``timeout``: seconds per point, all stages together. ``complete``: ``auto`` (MILP when the point
-    has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else BaB), ``bab``, ``milp`` or
-    ``none``. ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``:
-    alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta
-    optimisation steps per batch. ``max_dense_weights``: complete verification needs the network as
-    dense matrices of at most this many entries each. ``counterexample_dir``: also save each
-    counterexample as ``<index>.pt`` there. ``batched_ibp``: decide misclassified and IBP-verified
-    points for the whole file in batches first (``batch_size`` points at a time) and run the per-point
-    pipeline on the rest only; the verdicts are those of the per-point order, since a point that IBP
-    proves robust can have no counterexample for the attack to find (only the times differ: such a
-    point is charged its share of the batch's time)."""
+    ``timeout``: seconds per point, all stages together. ``complete``: ``auto`` (the exact MILP when the
+    network has a dense form and the point has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else
+    ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network), ``bab`` (branch and
+    bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense form only) or ``none``.
+    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``: alpha-CROWN steps
+    (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta optimisation steps per batch.
+    ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
+    entries each. ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
+    ``batched_ibp``: decide misclassified and IBP-verified points for the whole file in batches first
+    (``batch_size`` points at a time) and run the per-point pipeline on the rest only; the verdicts are those
+    of the per-point order, since a point that IBP proves robust can have no counterexample for the attack to
+    find (only the times differ: such a point is charged its share of the batch's time)."""
 
     timeout: float = 10.0
     complete: str = "auto"
@@ -267,19 +269,21 @@ def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: "_Point | 
     return None
 
 
-def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point) -> tuple[str | None, torch.Tensor]:
+def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
+                  ) -> tuple[str | None, torch.Tensor, list[Interval] | None]:
     """IBP, CROWN, alpha-CROWN in float64 in turn on ``box`` (a :class:`_FixedBox`); returns (proving
-    stage or None, best lower bound per row [S]). A stage proves the point when every row is proved."""
+    stage or None, best lower bound per row [S], the CROWN stage's pre-activation bounds per ReLU or
+    None when it did not run). A stage proves the point when every row is proved."""
     with torch.no_grad():
         best = _finite_or_minus_inf(ibp(net64, x64, box, C=C).lower[0])
     p.margins["ibp"] = float(best.min())
     if proved(best, tol).all():
-        return "ibp", best
+        return "ibp", best, None
     pre = None
     for stage in ("crown", "alpha-crown"):
         if p.left() <= 0:
             p.message = f"timeout after {p.stage}"
-            return None, best
+            return None, best, pre
         fn, err = (_crown, _CROWN_ERROR) if stage == "crown" else (_alpha_crown, _ALPHA_ERROR)
         if fn is None or (stage == "alpha-crown" and cfg.alpha_iterations == 0):
             p.message = (p.message + "; " if p.message else "") + (err or "alpha-CROWN disabled")
@@ -295,8 +299,8 @@ def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point) -> tup
         p.margins[stage] = float(low.min())
         best = torch.maximum(best, low)
         if proved(best, tol).all():
-            return stage, best
-    return None, best
+            return stage, best, pre
+    return None, best, pre
 
 
 def _finite_or_minus_inf(bound: torch.Tensor) -> torch.Tensor:
@@ -304,16 +308,38 @@ def _finite_or_minus_inf(bound: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(bound, nan=-float("inf"), posinf=-float("inf"))
 
 
-def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, tol_rows, cfg: CertifyConfig, p: _Point):
-    """BaB or MILP on the rows not yet proved; returns (status, stage, counterexample, extra)."""
+def _complete_method(cfg: CertifyConfig, dense: DenseNet | str, unstable: int | None) -> tuple[str | None, str]:
+    """The complete verifier a point goes to (``milp``, ``bab``, ``chain-bab``) or (None, why not).
+    ``unstable``: the point's unstable ReLUs after CROWN (None: not known yet, the dense form counts
+    them). ``auto`` takes the exact MILP when it is small enough, else branch and bound on the layer
+    chain, which explores far more domains per second than the dense BaB on conv nets (docs/results.md)."""
+    if cfg.complete == "none":
+        return None, "complete verification disabled"
+    has_dense = not isinstance(dense, str)
+    if cfg.complete == "milp":
+        return ("milp", "") if has_dense else (None, str(dense))
+    if cfg.complete == "bab":
+        return ("bab" if has_dense else "chain-bab"), ""
+    if cfg.complete == "chain-bab" or not has_dense:
+        return "chain-bab", ""
+    if unstable is None:
+        return "auto", ""  # the dense form counts the unstable ReLUs
+    return ("milp" if unstable <= cfg.milp_max_unstable else "chain-bab"), ""
+
+
+def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, tol_rows, cfg: CertifyConfig, p: _Point,
+              method: str):
+    """Dense BaB or MILP on the rows not yet proved (``method="auto"``: the MILP if few ReLUs are unstable,
+    else None); returns (status, stage, counterexample, extra) or None."""
     box = _box64(threat, x)
     lo, hi = box.lower.view(1, -1), box.upper.view(1, -1)
     lbs, ubs = crown_bounds(dense, lo, hi)
     lbs, ubs = [l[0] for l in lbs], [u[0] for u in ubs]
     unstable = count_unstable(lbs, ubs)
-    method = cfg.complete
     if method == "auto":
-        method = "milp" if unstable <= cfg.milp_max_unstable else "bab"
+        if unstable > cfg.milp_max_unstable:
+            return None
+        method = "milp"
     check = _candidate_checker(model, x, y, threat)
     p.stage = method
     if method == "milp":
@@ -331,20 +357,24 @@ def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, tol_rows, cfg: 
     return res.status, method, res.counterexample, extra
 
 
-def _chain_complete(model, x, y: int, threat, C_rows, tol_rows, cfg: CertifyConfig, p: _Point, pred: int,
-                    fp: dict[str, Any]) -> dict[str, Any]:
-    """Branch and bound on the layer chain, for networks without a dense form (``chain_bab``); a domain
-    closes only above the largest float32 tolerance of the open rows (the soundness policy)."""
+def _chain_complete(model, x, y: int, threat, box64: Interval, C_rows, tol_rows, cfg: CertifyConfig, p: _Point,
+                    pre: list[Interval] | None):
+    """Branch and bound on the layer chain (``chain_bab``) over the float32 box ``box64``, from the CROWN
+    stage's intermediate bounds ``pre`` when it ran; a domain closes only above the largest float32
+    tolerance of the open rows (the soundness policy). Returns (status, stage, counterexample, extra)."""
     p.stage = "chain-bab"
     threshold = float(tol_rows.max()) if tol_rows.numel() else 0.0
-    res = chain_bab_verify(model, x, threat, C_rows, max(p.left(), 1e-3), _candidate_checker(model, x, y, threat),
-                           threshold=threshold, batch=cfg.bab_batch, alpha_steps=cfg.bab_alpha_steps)
+    res = chain_bab_verify(model, x, _FixedBox(threat, box64), C_rows, max(p.left(), 1e-3),
+                           _candidate_checker(model, x, y, threat), threshold=threshold, batch=cfg.bab_batch,
+                           alpha_steps=cfg.bab_alpha_steps, root_bounds=pre)
     if res.status == "verified":
         p.margins["chain-bab"] = res.lower
     if res.message:
         p.message = res.message
-    return _record(p, res.status, "chain-bab", cfg, threat.eps, pred, res.counterexample, model,
-                   domains=res.domains, **fp)
+    extra = {"domains": res.domains}
+    if pre is not None:
+        extra["unstable"] = count_unstable([b.lower for b in pre], [b.upper for b in pre])
+    return res.status, "chain-bab", res.counterexample, extra
 
 
 def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
@@ -380,21 +410,25 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     C = margin_matrix(y_t, _num_classes(model, x)).to(torch.float64)
     tol = tolerance(v.net64, box64, C)[0]
     fp = {"fp32_tol": _finite(float(tol.max()))}
-    proved_by, best = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
+    proved_by, best, pre = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
     if proved_by is not None:
         return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
-    dense = v.dense
-    open_rows = ~proved(best, tol)  # NaN-safe: a row is dropped only when it is proved
-    if isinstance(dense, str) and cfg.complete in ("auto", "bab") and p.left() > 0:
-        return _chain_complete(model, x, int(y), threat, C[0][open_rows], tol[open_rows], cfg, p, pred, fp)
-    if cfg.complete == "none" or isinstance(dense, str):
-        why = "complete verification disabled" if cfg.complete == "none" else dense
+    unstable = None if pre is None else count_unstable([b.lower for b in pre], [b.upper for b in pre])
+    method, why = _complete_method(cfg, v.dense, unstable)
+    if method is None:
         p.message = (p.message + "; " if p.message else "") + why
         return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
     if p.left() <= 0:
         p.message = f"timeout after {p.stage}"
         return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
-    status, stage, cex, extra = _complete(model, dense, x, int(y), threat, C[0][open_rows], tol[open_rows], cfg, p)
+    open_rows = ~proved(best, tol)  # NaN-safe: a row is dropped only when it is proved
+    rows = (C[0][open_rows], tol[open_rows])
+    done = None
+    if method != "chain-bab":
+        done = _complete(model, v.dense, x, int(y), threat, *rows, cfg, p, method)
+    if done is None:  # chain-bab, or "auto" with too many unstable ReLUs for the MILP
+        done = _chain_complete(model, x, int(y), threat, box64, *rows, cfg, p, pre)
+    status, stage, cex, extra = done
     return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **fp, **extra)
 
 
@@ -585,10 +619,11 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     Points already in ``out_path`` are skipped (resume) when the file's records are of the same model
     state, data and verdict-relevant settings (:func:`fingerprint`, saved in every record); otherwise
     ValueError. ``shard=(i, n)`` processes the indices with ``index % n == i``. ``timeout``: seconds per
-    point. ``complete``: ``auto`` | ``bab`` | ``milp`` | ``none``. Other :class:`CertifyConfig` fields
-    can be given as keyword ``options`` (or a whole ``config``, which the explicit arguments then
-    override). Returns :func:`summarize` of the records of the points asked for (this shard's among the
-    first ``limit``; none for ``limit=0``); print it with :func:`format_summary`."""
+    point. ``complete``: ``auto`` | ``chain-bab`` | ``bab`` | ``milp`` | ``none`` (see
+    :class:`CertifyConfig`). Other :class:`CertifyConfig` fields can be given as keyword ``options`` (or a
+    whole ``config``, which the explicit arguments then override). Returns :func:`summarize` of the records of
+    the points asked for (this shard's among the first ``limit``; none for ``limit=0``); print it with
+    :func:`format_summary`."""
     i_shard, n_shard = shard
     if not (n_shard >= 1 and 0 <= i_shard < n_shard):
         raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")

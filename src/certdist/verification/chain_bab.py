@@ -5,12 +5,14 @@ conv nets beyond DM-small do not fit. This one works on ``model.layers()`` throu
 engine (:mod:`certdist.propagation.crown`: convolutions stay convolutions, intermediate bounds go
 through windows), in ``dtype`` (default float64, on a copy of the eval-mode model).
 
-The root's pre-activation bounds are CROWN's for the neurons IBP leaves unstable, intersected with
-IBP (``intermediate="best"``). A *domain* is the input box with pre-activation bounds per ReLU in which some unstable neurons are
-split (``l = 0``: active, ``u = 0``: inactive). Each step pops the ``batch`` domains with the lowest
-bounds, splits each on the neuron with the largest BaBSR score (Bunel et al. 2020: the coefficient of
-the margin's backward bound on the ReLU output times the chord's intercept ``-l u / (u - l)``, the
-relaxation error the split removes; ties broken by the intercept), and bounds all children at once:
+The root's pre-activation bounds are CROWN's for the neurons IBP leaves unstable, intersected with IBP
+(``intermediate="best"``), or the caller's (``root_bounds``, e.g. the certify pipeline's full-CROWN
+bounds, which it has computed already) intersected with IBP. A *domain* is the input box with
+pre-activation bounds per ReLU in which some unstable neurons are split (``l = 0``: active, ``u = 0``:
+inactive). Each step pops the ``batch`` domains with the lowest bounds, splits each on the neuron with
+the largest BaBSR score (Bunel et al. 2020: the coefficient of the margin's backward bound on the ReLU
+output times the chord's intercept ``-l u / (u - l)``, the relaxation error the split removes; ties
+broken by the intercept), and bounds all children at once:
 
 - the still-unstable neurons of the ReLUs after the split are re-bounded by CROWN given the splits and
   intersected with the parent's bounds (:func:`~certdist.propagation.crown.tighten_intermediate`);
@@ -32,7 +34,7 @@ import heapq
 import itertools
 import math
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -206,15 +208,34 @@ class _RowSearch:
         return BabResult("verified", self.proved, None, self.domains)
 
 
+def _intersect(chain: Chain, pre: Bounds, given: Sequence[Interval], dtype: torch.dtype) -> Bounds:
+    """``pre`` intersected with the caller's bounds ``given`` (one per ReLU, checked for shape)."""
+    given = list(given)
+    if len(given) != len(chain.relus):
+        raise ValueError(f"root_bounds must have one Interval per ReLU ({len(chain.relus)}), got {len(given)}")
+    out = {}
+    for i, g in zip(chain.relus, given):
+        if g.lower.shape != pre[i].lower.shape or g.upper.shape != pre[i].upper.shape:
+            raise ValueError(f"root_bounds of the ReLU at layer {i} have shape {tuple(g.lower.shape)}, "
+                             f"expected {tuple(pre[i].lower.shape)}")
+        # fmax/fmin: a NaN in the given bounds (overflow) falls back to IBP
+        out[i] = Interval(torch.fmax(pre[i].lower, g.lower.to(dtype)),
+                          torch.fmin(pre[i].upper, g.upper.to(dtype)))
+    return out
+
+
 def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor, time_limit: float,
                      check: Callable[[torch.Tensor], torch.Tensor | None], threshold: float = 0.0,
                      batch: int = 32, alpha_steps: int = 10, alpha_lr: float = 0.1,
-                     dtype: torch.dtype = torch.float64, max_memory: int = DEFAULT_MAX_MEMORY) -> BabResult:
+                     dtype: torch.dtype = torch.float64, max_memory: int = DEFAULT_MAX_MEMORY,
+                     root_bounds: Sequence[Interval] | None = None) -> BabResult:
     """Decide ``C logits > threshold`` on the threat box around ``x`` [1, ...] (``C``: [S, K]) row by row.
 
     ``check(flat point)`` receives a candidate input (flat, ``dtype``) and returns the validated
     counterexample or ``None``. The returned ``lower`` is a proven lower bound of the smallest margin
-    only when verified."""
+    only when verified. ``root_bounds``: valid pre-activation bounds over the same box, one
+    :class:`Interval` [1, *shape] per ReLU in forward order (as ``crown(..., return_intermediate=True)``
+    returns them); they replace the root's CROWN pass and are intersected with IBP."""
     if x.dim() < 2 or x.shape[0] != 1:
         raise ValueError(f"x must hold one point with a batch dimension of 1, got shape {tuple(x.shape)}")
     if C.dim() != 2:
@@ -228,7 +249,11 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
         p.requires_grad_(False)
     x = x.to(dtype)
     with torch.no_grad():
-        chain, box, pre = prepare(net, x, threat, None, None, "best", None, max_memory)
+        if root_bounds is None:
+            chain, box, pre = prepare(net, x, threat, None, None, "best", None, max_memory)
+        else:
+            chain, box, pre = prepare(net, x, threat, None, None, "ibp", None, max_memory)
+            pre = _intersect(chain, pre, root_bounds, dtype)
     result = BabResult("verified", math.inf)
     for c in C.to(dtype):
         row = _RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr, deadline,
