@@ -243,7 +243,7 @@ def test_bad_inputs_fail_loudly(net_data, tmp_path):
     net, X, Y = net_data
     with pytest.raises(ValueError, match="255"):
         certify_dataset(net, (X * 255).to(torch.uint8), Y, ThreatModel(0.1), tmp_path / "r.jsonl", progress=False)
-    with pytest.raises(ValueError, match="complete"):
+    with pytest.raises(ValueError, match="complete method 'exact'; known: auto, chain-bab, bab, milp, none"):
         certify_dataset(net, X, Y, ThreatModel(0.1), tmp_path / "r.jsonl", complete="exact", progress=False)
     with pytest.raises(ValueError, match="shard"):
         certify_dataset(net, X, Y, ThreatModel(0.1), tmp_path / "r.jsonl", shard=(2, 2), progress=False)
