@@ -168,12 +168,19 @@ def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "re
             cert_file = run / f"certify_test{t.certify_n}.jsonl"
             if collect_only and (not cert_file.exists() or
                                  len(cert_file.read_text().splitlines()) < t.certify_n):
+                ev_file = run / f"eval_test{t.certify_n}.json"  # `certdist evaluate` on the same points, if any
+                if ev_file.exists():
+                    rows.append(_row(t, m.label, teacher, run, "test", json.loads(ev_file.read_text()), None))
                 continue
             cert = _certify(run, t.dataset, t.eps, t.certify_n, t.timeout)
             rows.append(_row(t, m.label, teacher, run, "test", {}, cert))
     note = t.note
     if len(rows) < expected:
         note += f" PARTIAL: {len(rows)} of {expected} rows finished (the others were still running or queued)."
+    uncertified = sum(1 for r in rows if r["certified"] is None and r["role"] != "teacher")
+    if t.certify_n is not None and uncertified:
+        note += (f" {uncertified} student rows have no pipeline certification yet (clean / PGD-40 / IBP-cert from "
+                 "`certdist evaluate` on the same test points; the certified column averages the certified seeds).")
     write_results(name, rows, results_dir, note)
     return rows
 
@@ -199,22 +206,24 @@ def summarize(rows: list[dict]) -> list[dict]:
         for k in ("clean", "pgd", "ibp_cert", "certified"):
             vals = [r[k] for r in rs if r[k] is not None]
             e[k] = _mean_std(vals) if vals else None
+            e[f"{k}_seeds"] = len(vals)
         out.append(e)
     return out
 
 
 def format_markdown(rows: list[dict], note: str = "") -> str:
-    def cell(v):
-        if v is None:
+    def cell(e, k):
+        if e[k] is None:
             return "-"
-        m, sd = v
-        return f"{m:.2f}" if sd == 0 else f"{m:.2f} ± {sd:.2f}"
+        (m, sd), n = e[k], e[f"{k}_seeds"]
+        text = f"{m:.2f}" if n == 1 else f"{m:.2f} ± {sd:.2f}"
+        return text + (f" ({n} seed{'s' if n > 1 else ''})" if n != e["seeds"] else "")
     lines = [note, ""] if note else []
     lines += ["| setting | method | teacher | seeds | n | clean % | PGD % | IBP-cert % | certified % |",
               "|---|---|---|---|---|---|---|---|---|"]
     for e in summarize(rows):
         lines.append(f"| {e['setting']} | {e['method']} | {e['teacher'] or '-'} | {e['seeds']} | {e['n']} | "
-                     f"{cell(e['clean'])} | {cell(e['pgd'])} | {cell(e['ibp_cert'])} | {cell(e['certified'])} |")
+                     f"{cell(e, 'clean')} | {cell(e, 'pgd')} | {cell(e, 'ibp_cert')} | {cell(e, 'certified')} |")
     lines += ["", "Per seed:", "", "| method | seed | split | clean % | PGD % | IBP-cert % | certified % | train s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
