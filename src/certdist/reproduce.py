@@ -234,25 +234,26 @@ def format_markdown(rows: list[dict], note: str = "") -> str:
 
 
 def plot_tradeoff(rows: list[dict], out: str | Path, title: str = "") -> Path:
-    """Clean vs certified accuracy: one small marker per seed, the mean with std error bars per method.
-    The x axis is pipeline-certified accuracy where it exists, else IBP-certified."""
+    """Clean vs certified accuracy, one small marker per seed and the mean with std error bars per method
+    (students only): against pipeline-certified accuracy (left, where it exists) and IBP-certified accuracy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xkey = "certified" if any(r["certified"] is not None for r in rows) else "ibp_cert"
-    students = [r for r in rows if r.get("role") != "teacher"]
-    for i, e in enumerate(e for e in summarize(students) if e[xkey] is not None):
-        rs = [r for r in students if r["method"] == e["method"] and r["setting"] == e["setting"]]
-        color = f"C{i % 10}"
-        ax.scatter([r[xkey] for r in rs], [r["clean"] for r in rs], s=12, color=color, alpha=0.5)
-        ax.errorbar(e[xkey][0], e["clean"][0], xerr=e[xkey][1], yerr=e["clean"][1], fmt="o", color=color,
-                    capsize=3, label=f"{e['method']} ({e['seeds']} seed{'s' if e['seeds'] > 1 else ''})")
-    ax.set_xlabel("certified accuracy % (" + ("full pipeline" if xkey == "certified" else "IBP") + ")")
-    ax.set_ylabel("clean accuracy %")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    keys = [k for k in ("certified", "ibp_cert") if any(r[k] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for ax, xkey in zip(axes[0], keys):
+        students = [r for r in rows if r.get("role") != "teacher" and r[xkey] is not None]
+        for i, e in enumerate(summarize(students)):  # only the seeds that have the x metric
+            rs = [r for r in students if r["method"] == e["method"] and r["setting"] == e["setting"]]
+            color = f"C{i % 10}"
+            ax.scatter([r[xkey] for r in rs], [r["clean"] for r in rs], s=12, color=color, alpha=0.5)
+            ax.errorbar(e[xkey][0], e["clean"][0], xerr=e[xkey][1], yerr=e["clean"][1], fmt="o", color=color,
+                        capsize=3, label=f"{e['method']} ({e['seeds']} seed{'s' if e['seeds'] > 1 else ''})")
+        ax.set_xlabel("certified accuracy % (" + ("full pipeline" if xkey == "certified" else "IBP") + ")")
+        ax.set_ylabel("clean accuracy %")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)
