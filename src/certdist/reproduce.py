@@ -9,11 +9,13 @@ Protocol (issue 11): every run holds out the last 5,000 training images (``data.
 reports on them during training (``eval.split=validation``); hyper-parameters are chosen on that split
 only (the ``*-grid`` tables). The final tables certify the first ``certify_n`` TEST points of every
 student with the full pipeline (attack, IBP, CROWN, alpha-CROWN, MILP/BaB; ``timeout`` s per point) and
-evaluate the teacher's clean / PGD / IBP-certified accuracy on the same points.
+evaluate every network (teacher included) on the same points: clean, PGD-40 (margin loss, 1 restart) and
+IBP-certified accuracy, as ``certdist evaluate``.
 
 JSON rows: ``{"setting", "method", "teacher", "seed", "clean", "pgd", "ibp_cert", "certified", "n"}``
 (accuracies in %, ``teacher`` null without one, ``certified`` null where the pipeline was not run),
-plus ``split``, ``train_time_s`` and ``role`` (teacher / student).
+plus ``split``, ``train_time_s``, ``pipeline_attack`` (accuracy under the pipeline's stronger attack) and
+``role`` (teacher / student).
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ def _certify(run: Path, dataset: str, eps: float, n: int, timeout: float) -> dic
                            run / f"certify_test{n}.jsonl", timeout=timeout, progress=False)
 
 
-def _evaluate_teacher(run: Path, dataset: str, eps: float, n: int) -> dict:
+def _evaluate(run: Path, dataset: str, eps: float, n: int) -> dict:
+    """Clean / PGD-40 / IBP-certified accuracy on the first ``n`` test points (as `certdist evaluate`)."""
     out = run / f"eval_test{n}.json"
     if out.exists():
         return json.loads(out.read_text())
@@ -115,14 +118,16 @@ def _evaluate_teacher(run: Path, dataset: str, eps: float, n: int) -> dict:
 
 
 def _row(t: Table, label: str, teacher: str | None, run: Path, split: str, ev: dict, cert: dict | None) -> dict:
+    """clean / pgd / ibp_cert from ``ev`` (PGD-40, the evaluation of every run), certified from the pipeline
+    (its own, stronger attack's accuracy is kept as ``pipeline_attack``)."""
     res = json.loads((run / "results.json").read_text())
-    pct = lambda v: round(100 * v, 2)  # noqa: E731
+    if cert is not None and cert["n"] != ev["n"]:
+        raise ValueError(f"{run}: evaluated on {ev['n']} points, certified on {cert['n']}")
     return {"setting": t.setting, "method": label, "teacher": teacher, "seed": res["seed"],
-            "clean": round(ev["clean_acc"], 2) if cert is None else pct(cert["clean_accuracy"]),
-            "pgd": round(ev["pgd_acc"], 2) if cert is None else pct(cert["attack_accuracy"]),
-            "ibp_cert": round(ev["ibp_cert_acc"], 2) if cert is None else pct(cert["ibp_certified_accuracy"]),
-            "certified": None if cert is None else pct(cert["certified_accuracy"]),
-            "n": ev["n"] if cert is None else cert["n"], "split": split, "train_time_s": res.get("train_time_s"),
+            "clean": round(ev["clean_acc"], 2), "pgd": round(ev["pgd_acc"], 2), "ibp_cert": round(ev["ibp_cert_acc"], 2),
+            "certified": None if cert is None else round(100 * cert["certified_accuracy"], 2),
+            "n": ev["n"], "split": split, "train_time_s": res.get("train_time_s"),
+            "pipeline_attack": None if cert is None else round(100 * cert["attack_accuracy"], 2),
             "role": "teacher" if label == t.teacher.label else "student"}
 
 
@@ -153,7 +158,7 @@ def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "re
     if t.certify_n is not None:
         out = teacher_run / f"eval_test{t.certify_n}.json"
         if not collect_only or out.exists():
-            ev = _evaluate_teacher(teacher_run, t.dataset, t.eps, t.certify_n)
+            ev = _evaluate(teacher_run, t.dataset, t.eps, t.certify_n)
             rows.append(_row(t, teacher_name, None, teacher_run, "test", ev, None))
     else:
         rows.append(_row(t, teacher_name, None, teacher_run, "validation",
@@ -165,15 +170,22 @@ def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "re
                 rows.append(_row(t, m.label, teacher, run, "validation", json.loads((run / "results.json").read_text()),
                                  None))
                 continue
+            ev_file = run / f"eval_test{t.certify_n}.json"
             cert_file = run / f"certify_test{t.certify_n}.jsonl"
-            if collect_only and (not cert_file.exists() or
-                                 len(cert_file.read_text().splitlines()) < t.certify_n):
+            if collect_only and not ev_file.exists():
                 continue
-            cert = _certify(run, t.dataset, t.eps, t.certify_n, t.timeout)
-            rows.append(_row(t, m.label, teacher, run, "test", {}, cert))
+            ev = _evaluate(run, t.dataset, t.eps, t.certify_n)
+            cert = None
+            if not collect_only or (cert_file.exists() and len(cert_file.read_text().splitlines()) >= t.certify_n):
+                cert = _certify(run, t.dataset, t.eps, t.certify_n, t.timeout)
+            rows.append(_row(t, m.label, teacher, run, "test", ev, cert))
     note = t.note
     if len(rows) < expected:
         note += f" PARTIAL: {len(rows)} of {expected} rows finished (the others were still running or queued)."
+    uncertified = sum(1 for r in rows if r["certified"] is None and r["role"] != "teacher")
+    if t.certify_n is not None and uncertified:
+        note += (f" {uncertified} student rows have no pipeline certification yet (the certified column averages "
+                 "the certified seeds).")
     write_results(name, rows, results_dir, note)
     return rows
 
@@ -199,22 +211,24 @@ def summarize(rows: list[dict]) -> list[dict]:
         for k in ("clean", "pgd", "ibp_cert", "certified"):
             vals = [r[k] for r in rs if r[k] is not None]
             e[k] = _mean_std(vals) if vals else None
+            e[f"{k}_seeds"] = len(vals)
         out.append(e)
     return out
 
 
 def format_markdown(rows: list[dict], note: str = "") -> str:
-    def cell(v):
-        if v is None:
+    def cell(e, k):
+        if e[k] is None:
             return "-"
-        m, sd = v
-        return f"{m:.2f}" if sd == 0 else f"{m:.2f} ± {sd:.2f}"
+        (m, sd), n = e[k], e[f"{k}_seeds"]
+        text = f"{m:.2f}" if n == 1 else f"{m:.2f} ± {sd:.2f}"
+        return text + (f" ({n} seed{'s' if n > 1 else ''})" if n != e["seeds"] else "")
     lines = [note, ""] if note else []
     lines += ["| setting | method | teacher | seeds | n | clean % | PGD % | IBP-cert % | certified % |",
               "|---|---|---|---|---|---|---|---|---|"]
     for e in summarize(rows):
         lines.append(f"| {e['setting']} | {e['method']} | {e['teacher'] or '-'} | {e['seeds']} | {e['n']} | "
-                     f"{cell(e['clean'])} | {cell(e['pgd'])} | {cell(e['ibp_cert'])} | {cell(e['certified'])} |")
+                     f"{cell(e, 'clean')} | {cell(e, 'pgd')} | {cell(e, 'ibp_cert')} | {cell(e, 'certified')} |")
     lines += ["", "Per seed:", "", "| method | seed | split | clean % | PGD % | IBP-cert % | certified % | train s |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -225,25 +239,26 @@ def format_markdown(rows: list[dict], note: str = "") -> str:
 
 
 def plot_tradeoff(rows: list[dict], out: str | Path, title: str = "") -> Path:
-    """Clean vs certified accuracy: one small marker per seed, the mean with std error bars per method.
-    The x axis is pipeline-certified accuracy where it exists, else IBP-certified."""
+    """Clean vs certified accuracy, one small marker per seed and the mean with std error bars per method
+    (students only): against pipeline-certified accuracy (left, where it exists) and IBP-certified accuracy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xkey = "certified" if any(r["certified"] is not None for r in rows) else "ibp_cert"
-    students = [r for r in rows if r.get("role") != "teacher"]
-    for i, e in enumerate(e for e in summarize(students) if e[xkey] is not None):
-        rs = [r for r in students if r["method"] == e["method"] and r["setting"] == e["setting"]]
-        color = f"C{i % 10}"
-        ax.scatter([r[xkey] for r in rs], [r["clean"] for r in rs], s=12, color=color, alpha=0.5)
-        ax.errorbar(e[xkey][0], e["clean"][0], xerr=e[xkey][1], yerr=e["clean"][1], fmt="o", color=color,
-                    capsize=3, label=f"{e['method']} ({e['seeds']} seed{'s' if e['seeds'] > 1 else ''})")
-    ax.set_xlabel("certified accuracy % (" + ("full pipeline" if xkey == "certified" else "IBP") + ")")
-    ax.set_ylabel("clean accuracy %")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    keys = [k for k in ("certified", "ibp_cert") if any(r[k] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for ax, xkey in zip(axes[0], keys):
+        students = [r for r in rows if r.get("role") != "teacher" and r[xkey] is not None]
+        for i, e in enumerate(summarize(students)):  # only the seeds that have the x metric
+            rs = [r for r in students if r["method"] == e["method"] and r["setting"] == e["setting"]]
+            color = f"C{i % 10}"
+            ax.scatter([r[xkey] for r in rs], [r["clean"] for r in rs], s=12, color=color, alpha=0.5)
+            ax.errorbar(e[xkey][0], e["clean"][0], xerr=e[xkey][1], yerr=e["clean"][1], fmt="o", color=color,
+                        capsize=3, label=f"{e['method']} ({e['seeds']} seed{'s' if e['seeds'] > 1 else ''})")
+        ax.set_xlabel("certified accuracy % (" + ("full pipeline" if xkey == "certified" else "IBP") + ")")
+        ax.set_ylabel("clean accuracy %")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)

@@ -77,3 +77,9 @@ def test_markdown_mean_and_sample_std():
     rows = [dict(row, method="A", seed=i, clean=c, pgd=c - 1, ibp_cert=c - 2) for i, c in enumerate((90.0, 92.0, 94.0))]
     md = R.format_markdown(rows)
     assert "| s | A | - | 3 | 10 | 92.00 ± 2.00 | 91.00 ± 2.00 | 90.00 ± 2.00 | - |" in md
+
+
+def test_markdown_marks_metrics_with_fewer_seeds():
+    row = dict(setting="s", teacher=None, n=10, split="test", train_time_s=1.0, clean=90.0, pgd=89.0, ibp_cert=80.0)
+    rows = [dict(row, method="A", seed=0, certified=85.0), dict(row, method="A", seed=1, certified=None)]
+    assert "| s | A | - | 2 | 10 | 90.00 ± 0.00 | 89.00 ± 0.00 | 80.00 ± 0.00 | 85.00 (1 seed) |" in R.format_markdown(rows)
