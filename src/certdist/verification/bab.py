@@ -26,7 +26,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -245,10 +245,16 @@ def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.T
         lbs, ubs = root_bounds
     if not all(bool(torch.isfinite(t).all()) for t in [x_lo, x_hi, *lbs, *ubs]):
         return BabResult("unknown", -float("inf"), message="non-finite input box or pre-activation bounds")
-    result = BabResult("verified", float("inf"))
     tols = torch.as_tensor(tol, dtype=torch.float64).expand(C.shape[0]).tolist()
-    for c, t in zip(C.to(torch.float64), tols):
-        row = _RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline, t).run(lbs, ubs)
+    return combine_rows((_RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline, t).run(lbs, ubs)
+                         for c, t in zip(C.to(torch.float64), tols)), deadline)
+
+
+def combine_rows(rows: Iterable[BabResult], deadline: float) -> BabResult:
+    """The verdict of a point from its rows' searches (run lazily, in order): falsified at the first
+    falsified row; verified only when every row is; else unknown (stopping once the deadline passed)."""
+    result = BabResult("verified", float("inf"))
+    for row in rows:
         result.domains += row.domains
         if row.status == "falsified":
             return BabResult("falsified", row.lower, row.counterexample, result.domains)

@@ -42,7 +42,7 @@ from torch import nn
 from certdist.bounds import Interval, LinearBounds
 from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, backward_rule_for, prepare, relu_relaxation,
                                         tighten_intermediate)
-from certdist.verification.bab import BabResult
+from certdist.verification.bab import BabResult, combine_rows
 
 Bounds = dict[int, Interval]  # pre-activation bounds by ReLU layer index, batch of domains first
 
@@ -254,16 +254,5 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
         else:
             chain, box, pre = prepare(net, x, threat, None, None, "ibp", None, max_memory)
             pre = _intersect(chain, pre, root_bounds, dtype)
-    result = BabResult("verified", math.inf)
-    for c in C.to(dtype):
-        row = _RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr, deadline,
-                         max_memory).run(pre)
-        result.domains += row.domains
-        if row.status == "falsified":
-            return BabResult("falsified", row.lower, row.counterexample, result.domains)
-        result.lower = min(result.lower, row.lower)
-        if row.status == "unknown":
-            result.status, result.message = "unknown", row.message
-            if time.monotonic() > deadline:
-                break
-    return result
+    return combine_rows((_RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr,
+                                    deadline, max_memory).run(pre) for c in C.to(dtype)), deadline)
