@@ -41,14 +41,21 @@ def random_net(kind: str, seed: int, bn_train: bool = False) -> CertifiableNet:
     else:
         raise ValueError(kind)
     net = CertifiableNet(nn.Sequential(*feats), head, arch=f"test_{kind}", input_spec=spec)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.6)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    randomize_(net, g, 0.6)
     net.train(bn_train)
+    return net
+
+
+@torch.no_grad()
+def randomize_(net: nn.Module, g: torch.Generator, scale: float, var_min: float = 0.5) -> nn.Module:
+    """Random weights ``N(0, scale^2)`` and non-trivial BatchNorm running statistics (mean ``N(0, 0.09)``,
+    variance ``var_min + U(0, 1)``), drawn from ``g`` in module order."""
+    for p in net.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * scale)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + var_min)
     return net
 
 

@@ -20,7 +20,7 @@ from certdist.verification.certify import validate_counterexample
 from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import crown_bounds, dense_from_model
 from certdist.verification.milp import milp_verify
-from conftest import relu_inputs, sample_box
+from conftest import randomize_, relu_inputs, sample_box
 
 
 def tiny_conv_net(seed: int, bn: bool = False) -> CertifiableNet:
@@ -29,14 +29,7 @@ def tiny_conv_net(seed: int, bn: bool = False) -> CertifiableNet:
     feats = [Normalize(spec.mean, spec.std), nn.Conv2d(1, 3, 3, padding=1)] + ([nn.BatchNorm2d(3)] if bn else []) + \
         [nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(16, 8), nn.ReLU()]
     net = CertifiableNet(nn.Sequential(*feats), nn.Linear(8, 3), "tiny_conv", spec)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(3, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(3, generator=g) + 0.5)
-    return net.eval()
+    return randomize_(net, g, 0.5).eval()
 
 
 def _checker(net, x, y, threat):

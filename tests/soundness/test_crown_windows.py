@@ -19,7 +19,7 @@ from certdist.models import Normalize
 from certdist.propagation.crown import (_crown_neurons_dense, _crown_neurons_patches, _patchable, build_chain,
                                         intermediate_bounds_of)
 from certdist.threats import ThreatModel
-from conftest import random_net
+from conftest import random_net, randomize_
 
 
 def _chain_net(kind: str, seed: int) -> nn.Sequential:
@@ -38,14 +38,7 @@ def _chain_net(kind: str, seed: int) -> nn.Sequential:
     else:
         raise ValueError(kind)
     net = nn.Sequential(*layers)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.6)
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(3, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(3, generator=g) + 0.5)
-    return net.eval()
+    return randomize_(net, g, 0.6).eval()
 
 
 CASES = [("net", "conv", False), ("net", "conv_bn", False), ("net", "conv_bn", True),

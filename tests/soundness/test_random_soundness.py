@@ -21,6 +21,7 @@ from certdist.models import CertifiableNet, InputSpec, Normalize
 from certdist.threats import ThreatModel
 from certdist.verification import CertifyConfig, certify_point, dense_from_model, validate_counterexample
 from certdist.verification import milp
+from conftest import randomize_
 from certdist.verification.dense import crown_bounds
 
 NUM_NETS = 200
@@ -55,13 +56,8 @@ def _random_net(k: int, g: torch.Generator) -> CertifiableNet:
                      tuple((torch.rand(c, generator=g) + 0.3).tolist()))
     net = CertifiableNet(nn.Sequential(Normalize(spec.mean, spec.std), *feats), nn.Linear(n, classes),
                          "test_random", spec)
+    randomize_(net, g, 0.8, var_min=0.3)
     with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.8)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.3)
         linears = [m for m in net.layers() if isinstance(m, nn.Linear)]
         for m, nxt in zip(linears, linears[1:]):
             if m.out_features >= 3:
