@@ -64,6 +64,19 @@ def test_float32_tie_is_not_verified_by_the_bound_stages(tmp_path):
     assert verdicts[0] == verdicts[1] == ("falsified", "attack")  # the pre-pass keeps the verdict
 
 
+def test_evaluate_counts_ibp_certified_as_the_pipeline_does():
+    """``evaluate``'s IBP-certified accuracy needs the margins proved above the float32 tolerance: the tie
+    net's float32 IBP lower bound is positive (~5e-7), yet its float32 logits tie at a corner of the box."""
+    from certdist.evaluation import evaluate
+    net = _tie_net()
+    x = torch.tensor([0.75, 0.25]).view(1, 2, 1, 1)
+    res = evaluate(net, x, torch.tensor([1]), ThreatModel(0.25), progress=False, attack=False)
+    assert res["clean_acc"] == 100.0 and res["ibp_cert_acc"] == 0.0
+    # a clear margin is still counted
+    res = evaluate(net, x, torch.tensor([1]), ThreatModel(0.001), progress=False, attack=False)
+    assert res["ibp_cert_acc"] == 100.0
+
+
 def test_the_box_tolerance_of_the_counterexample_check_is_covered():
     """validate_counterexample accepts points up to 1e-6 outside the box: the tolerance covers them."""
     net = _net([], 1, 2, 0)

@@ -191,6 +191,19 @@ def tolerance(net64: nn.Module, box64: Interval, C: torch.Tensor) -> torch.Tenso
     return margin_tolerance(fp32_error_bound(net64, box64, input_slack=CEX_TOL), C)
 
 
+def ibp_proved(net64: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, num_classes: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IBP as the pipeline counts it: ``(lower, tol, ok)``, the margins' IBP lower bounds [B, K-1] in
+    float64 (``net64``: the float64 eval-mode copy) over the float32 boxes around ``x``, their float32
+    tolerance, and ``ok`` [B]: every row proved (lower > tol; NaN never). Whether the float32 network
+    classifies ``x`` correctly is the caller's check."""
+    box64 = _box64(threat, x)
+    C = margin_matrix(y, num_classes).to(torch.float64)
+    lower = ibp(net64, x.to(torch.float64), _FixedBox(threat, box64), C=C).lower
+    tol = tolerance(net64, box64, C)
+    return lower, tol, proved(lower, tol).all(dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Counterexamples.
 
@@ -664,11 +677,7 @@ def _batched_ibp(v: Verifier, images, labels, threat, cfg: CertifyConfig, todo: 
             pred = v.net(x).argmax(1)
             for k in torch.nonzero(pred != y).flatten().tolist():  # few: decide them as certify_prepared does
                 pred[k] = v.net(x[k:k + 1]).argmax(1)[0]
-            box64 = _box64(threat, x)
-            C = margin_matrix(y, _num_classes(v.net, x[:1])).to(torch.float64)
-            lower = ibp(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C=C).lower
-            tol = tolerance(v.net64, box64, C)
-            ok = proved(lower, tol).all(dim=1)
+            lower, tol, ok = ibp_proved(v.net64, x, y, threat, _num_classes(v.net, x[:1]))
         share = (time.monotonic() - start) / len(idx)
         for k, i in enumerate(idx):
             p = _Point(i, int(y[k]), time.monotonic() - share, 0.0, {})
