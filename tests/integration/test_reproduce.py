@@ -3,6 +3,7 @@ results files), then resumed without retraining."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,23 @@ def test_markdown_marks_metrics_with_fewer_seeds():
     row = dict(setting="s", teacher=None, n=10, split="test", train_time_s=1.0, clean=90.0, pgd=89.0, ibp_cert=80.0)
     rows = [dict(row, method="A", seed=0, certified=85.0), dict(row, method="A", seed=1, certified=None)]
     assert "| s | A | - | 2 | 10 | 90.00 ± 0.00 | 89.00 ± 0.00 | 80.00 ± 0.00 | 85.00 (1 seed) |" in R.format_markdown(rows)
+
+
+def test_shipped_tables_never_share_a_run_folder_between_settings(monkeypatch):
+    """Tables share ``--out-dir``: two runs with the same folder must be the very same run (a grid table
+    reuses its final table's seed-0 runs), never e.g. an eps 0.1 and an eps 0.2 student."""
+    from certdist.config import load_config, to_dict
+    from certdist.sweep import run_dir
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the configs/ of the repository
+    seen: dict = {}
+    for name, t in R.TABLES.items():
+        assert t.dataset in t.setting and f"-{t.eps:g}/" in t.setting, name
+        for m in (t.teacher, *t.methods):
+            ov = R._overrides(t, "runs/x", m, "runs/x/teacher.pt" if m.distill else None)
+            cfg = load_config(m.config, ov)
+            assert cfg.eps == t.eps and cfg.data.dataset == t.dataset, (name, m.label)
+            for s in t.seeds:
+                d = run_dir(m.config, s, ov)
+                cfg_s = to_dict(load_config(m.config, ov + [f"seed={s}"]))
+                cfg_s.pop("distill")  # the teacher path differs per table in this test only
+                assert seen.setdefault(d, cfg_s) == cfg_s, f"{name}/{m.label}: {d} is also another run"
