@@ -89,6 +89,8 @@ FASHION02_TEACHER = Method("PGD-AT teacher", "configs/small/fashion-mnist_pgd-at
                            ("eps=0.2", "name=fashion-mnist-0.2_pgd-at-teacher"))
 FASHION02_CCIBP = Method("CC-IBP", "configs/small/fashion-mnist_cc-ibp.yaml", F02_STUDENT + ("name=fashion-mnist-0.2_cc-ibp",))
 FASHION02_CHOSEN = _dist("fashion-mnist", "kl-t4-b0.1", *F02_STUDENT, *KL_T4, "distill.beta=0.1", prefix="fashion-mnist-0.2")
+# MNIST's best validation PGD accuracy (but IBP-certified 42 %): at a harder eps the teacher may matter more
+FASHION02_KL1 = _dist("fashion-mnist", "kl-t4-b1", *F02_STUDENT, *KL_T4, "distill.beta=1", prefix="fashion-mnist-0.2")
 
 TABLES: dict[str, Table] = {
     "mnist-0.1-grid": Table("mnist-0.1/dm_small", "mnist", 0.1, MNIST_TEACHER, (MNIST_CCIBP,) + MNIST_GRID,
@@ -104,7 +106,7 @@ TABLES: dict[str, Table] = {
                                (FASHION_CCIBP, FASHION_CHOSEN),
                                note="Final: 3 seeds, first 1,000 test points, full certify pipeline (10 s per point)."),
     "fashion-mnist-0.2-grid": Table("fashion-mnist-0.2/dm_small", "fashion-mnist", 0.2, FASHION02_TEACHER,
-                                    (FASHION02_CCIBP, FASHION02_CHOSEN), seeds=(0,), certify_n=None,
+                                    (FASHION02_CCIBP, FASHION02_CHOSEN, FASHION02_KL1), seeds=(0,), certify_n=None,
                                     note="Validation: seed 0, the 5,000 held-out training images, PGD-40. "
                                          "Students: CC-IBP alpha 0.3, train eps x1.334 (the MNIST 0.3 recipe)."),
     "fashion-mnist-0.2": Table("fashion-mnist-0.2/dm_small", "fashion-mnist", 0.2, FASHION02_TEACHER,
