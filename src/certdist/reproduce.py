@@ -77,11 +77,13 @@ MNIST_CHOSEN = MNIST_GRID[2]
 
 FASHION_TEACHER = Method("PGD-AT teacher", "configs/small/fashion-mnist_pgd-at-teacher.yaml")
 FASHION_CCIBP = Method("CC-IBP", "configs/small/fashion-mnist_cc-ibp.yaml")
-# the MNIST-chosen variant carried over unchanged (configs/small/fashion-mnist_cc-dist.yaml ships it); its
-# validation numbers (seed 0, the held-out split) are the fashion-mnist-0.1-grid table
-FASHION_CHOSEN = _dist("fashion-mnist", "kl-t4-b0.1", *KL_T4, "distill.beta=0.1")
-# a weaker pull, added after the seed-0 validation numbers of beta 0.1 came out below CC-IBP
-FASHION_KL003 = _dist("fashion-mnist", "kl-t4-b0.03", *KL_T4, "distill.beta=0.03")
+# MNIST's choice carried over, then a weaker pull, added after the seed-0 validation numbers of beta 0.1
+# came out below CC-IBP; beta 0.03 has the higher validation PGD accuracy of the two (docs/results.md) and
+# configs/small/fashion-mnist_cc-dist.yaml ships it
+FASHION_KL01 = _dist("fashion-mnist", "kl-t4-b0.1", *KL_T4, "distill.beta=0.1")
+FASHION_CHOSEN = _dist("fashion-mnist", "kl-t4-b0.03", *KL_T4, "distill.beta=0.03")
+# the variant that configs/small/<dataset>_cc-dist.yaml ships
+CHOSEN = {"mnist": MNIST_CHOSEN, "fashion-mnist": FASHION_CHOSEN}
 
 # a harder eps (issue 11: where the teacher may have more to teach): the same 10-epoch budget with the
 # expressive-losses MNIST 0.3 recipe's CC-IBP settings (alpha 0.3, train eps x1.334; not tuned here) and
@@ -101,11 +103,11 @@ TABLES: dict[str, Table] = {
     "mnist-0.1": Table("mnist-0.1/dm_small", "mnist", 0.1, MNIST_TEACHER, (MNIST_CCIBP, MNIST_CHOSEN),
                        note="Final: 3 seeds, first 1,000 test points, full certify pipeline (10 s per point)."),
     "fashion-mnist-0.1-grid": Table("fashion-mnist-0.1/dm_small", "fashion-mnist", 0.1, FASHION_TEACHER,
-                                    (FASHION_CCIBP, FASHION_CHOSEN, FASHION_KL003), seeds=(0,), certify_n=None,
-                                    note="Validation check of the MNIST choice: seed 0, the 5,000 held-out "
-                                         "training images, PGD-40 (the seed-0 runs of fashion-mnist-0.1)."),
+                                    (FASHION_CCIBP, FASHION_KL01, FASHION_CHOSEN), seeds=(0,), certify_n=None,
+                                    note="Validation: seed 0, the 5,000 held-out training images, PGD-40 "
+                                         "(the seed-0 runs of fashion-mnist-0.1)."),
     "fashion-mnist-0.1": Table("fashion-mnist-0.1/dm_small", "fashion-mnist", 0.1, FASHION_TEACHER,
-                               (FASHION_CCIBP, FASHION_CHOSEN, FASHION_KL003),
+                               (FASHION_CCIBP, FASHION_KL01, FASHION_CHOSEN),
                                note="Final: 3 seeds, first 1,000 test points, full certify pipeline (10 s per point)."),
     "fashion-mnist-0.2-grid": Table("fashion-mnist-0.2/dm_small", "fashion-mnist", 0.2, FASHION02_TEACHER,
                                     (FASHION02_CCIBP, FASHION02_CHOSEN, FASHION02_KL1), seeds=(0,), certify_n=None,
