@@ -5,11 +5,13 @@ Per point, in order (the first conclusive stage ends the point):
 1. ``clean``: the eval-mode network misclassifies ``x`` -> ``misclassified``;
 2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
 3. ``ibp`` -> ``crown`` -> ``alpha-crown``: every margin proved -> ``verified``;
-4. complete verification with the time left -> ``verified`` / ``falsified``: under ``complete="auto"``
+4. ``apgd``: APGD with the DLR loss on the points the bound stages leave open (a stronger attack, only
+   where one can pay off) -> ``falsified``;
+5. complete verification with the time left -> ``verified`` / ``falsified``: under ``complete="auto"``
    the exact ``milp`` when the network has a dense form and few ReLUs are unstable after CROWN, else
    ``chain-bab`` (branch and bound on the layer chain, started from the CROWN stage's intermediate
    bounds); ``bab`` (dense branch and bound), ``milp`` and ``chain-bab`` can be asked for;
-5. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
+6. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
    float32 tolerance that no counterexample realises).
 
 Soundness policy (docs/method.md): the bounds are computed in float64 on a float64 copy of the
@@ -45,6 +47,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from certdist.attacks.apgd import apgd
 from certdist.attacks.pgd import pgd
 from certdist.bounds import Interval
 from certdist.models.cnn import check_float32
@@ -84,7 +87,8 @@ class CertifyConfig:
     network has a dense form and the point has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else
     ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network), ``bab`` (branch and
     bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense form only) or ``none``.
-    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``: alpha-CROWN steps
+    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``apgd_restarts``: APGD-DLR restarts
+    (``attack_steps`` steps each; 0 skips the stage) on the points the bound stages leave open. ``alpha_iterations``: alpha-CROWN steps
     (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta optimisation steps per batch.
     ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
     entries each. ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
@@ -98,6 +102,7 @@ class CertifyConfig:
     attack_steps: int = 100
     restarts: int = 5
     attack_losses: tuple[str, ...] = ("margin", "ce")
+    apgd_restarts: int = 5
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
     milp_max_unstable: int = 64
@@ -123,8 +128,9 @@ class CertifyConfig:
             raise ValueError(f"unknown complete method {self.complete!r}; known: {', '.join(COMPLETE_METHODS)}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if self.attack_steps < 0 or self.restarts < 1:
-            raise ValueError(f"need attack_steps >= 0 and restarts >= 1, got {self.attack_steps}, {self.restarts}")
+        if self.attack_steps < 0 or self.restarts < 1 or self.apgd_restarts < 0:
+            raise ValueError(f"need attack_steps >= 0, restarts >= 1 and apgd_restarts >= 0, got {self.attack_steps}, "
+                             f"{self.restarts}, {self.apgd_restarts}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,6 +273,17 @@ def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: "_Point | 
         if validate_counterexample(model, x_adv, x, int(y_t), threat):
             return x_adv
     return None
+
+
+def _late_attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: _Point) -> torch.Tensor | None:
+    """APGD-DLR (``cfg.apgd_restarts`` restarts of ``cfg.attack_steps`` steps) for a point the bound stages
+    left open; the validated counterexample or None (also when skipped: no restarts, no steps, no time,
+    fewer than 3 classes, which DLR needs)."""
+    if not (cfg.apgd_restarts and cfg.attack_steps and p.left() > 0 and _num_classes(model, x) >= 3):
+        return None
+    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + len(cfg.attack_losses))
+    x_adv = apgd(model, x, y_t, threat, steps=cfg.attack_steps, loss="dlr", restarts=cfg.apgd_restarts, generator=g)
+    return x_adv if validate_counterexample(model, x_adv, x, int(y_t), threat) else None
 
 
 def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
@@ -413,6 +430,10 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     proved_by, best, pre = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
     if proved_by is not None:
         return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
+    cex = _late_attack(model, x, y_t, threat, cfg, index, p)
+    if cex is not None:
+        p.stage = "apgd"
+        return _record(p, "falsified", "apgd", cfg, threat.eps, pred, cex, model, **fp)
     unstable = None if pre is None else count_unstable([b.lower for b in pre], [b.upper for b in pre])
     method, why = _complete_method(cfg, v.dense, unstable)
     if method is None:
