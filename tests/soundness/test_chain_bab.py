@@ -187,7 +187,22 @@ def test_alpha_beta_bound_of_a_split_domain_holds_on_its_points(seed):
             betas = {first: beta * signs[first].double()}
             fixed = _backward(chain, box, split, c, betas=betas).concretize(box).lower[0, 0]
             assert (logits @ c >= fixed - 1e-6).all(), f"beta {beta}: a point of the split domain lies below"
-        plain, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0)
-        opt, _, _ = _bound_domains(chain, box, split, signs, c, 20, 0.1, float("inf"))
+        plain, _, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0)
+        opt, _, _, state = _bound_domains(chain, box, split, signs, c, 20, 0.1, float("inf"))
         assert opt[0] >= plain[0] - 1e-9
         assert (logits @ c >= opt[0] - 1e-6).all(), "a point of the split domain lies below the bound"
+        # warm starts (children start from their parent's slopes and multipliers): the given ones, even
+        # out of range (slopes outside [0, 1], negative multipliers, which would be unsound unprojected)
+        g = torch.Generator().manual_seed(seed)
+        wild = ({i: torch.rand(a.shape, generator=g, dtype=a.dtype) * 3 - 1 for i, a in state[0].items()},
+                {i: torch.randn(b.shape, generator=g, dtype=b.dtype) * 5 for i, b in state[1].items()})
+        assert state[1] and any((b < 0).any() for b in wild[1].values())
+        for warm in (state, wild):
+            for steps in (0, 5):
+                low, _, _, _ = _bound_domains(chain, box, split, signs, c, steps, 0.1, float("inf"), warm)
+                assert (logits @ c >= low[0] - 1e-6).all(), f"warm start, {steps} steps: a point lies below"
+        projected = ({i: a.clamp(0, 1) for i, a in wild[0].items()}, {i: b.clamp(min=0) for i, b in wild[1].items()})
+        assert torch.equal(_bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, wild)[0],
+                           _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, projected)[0])
+        warm_opt, _, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, state)
+        assert warm_opt[0] >= opt[0] - 1e-6, "the optimised state reproduces (about) its bound"
