@@ -88,9 +88,10 @@ class CertifyConfig:
     ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network), ``bab`` (branch and
     bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense form only) or ``none``.
     ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``apgd_restarts``: APGD-DLR restarts
-    (``attack_steps`` steps each; 0 skips the stage) on the points the bound stages leave open. ``alpha_iterations``: alpha-CROWN steps
-    (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta optimisation steps per batch.
-    ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
+    (``attack_steps`` steps each; 0 skips the stage) on the points the bound stages leave open.
+    ``alpha_iterations``: alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and
+    alpha/beta optimisation steps per batch; ``chain_bab_alpha_steps``: those of the chain BaB, whose children
+    start from their parent's slopes and multipliers, so that fewer steps suffice. ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
     entries each. ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
     ``batched_ibp``: decide misclassified and IBP-verified points for the whole file in batches first
     (``batch_size`` points at a time) and run the per-point pipeline on the rest only; the verdicts are those
@@ -109,6 +110,7 @@ class CertifyConfig:
     milp_threads: int = 1
     bab_batch: int = 64
     bab_alpha_steps: int = 20
+    chain_bab_alpha_steps: int = 10
     max_dense_weights: int = 20_000_000
     seed: int = 0
     counterexample_dir: str | None = None
@@ -383,7 +385,7 @@ def _chain_complete(model, x, y: int, threat, box64: Interval, C_rows, tol_rows,
     threshold = float(tol_rows.max()) if tol_rows.numel() else 0.0
     res = chain_bab_verify(model, x, _FixedBox(threat, box64), C_rows, max(p.left(), 1e-3),
                            _candidate_checker(model, x, y, threat), threshold=threshold, batch=cfg.bab_batch,
-                           alpha_steps=cfg.bab_alpha_steps, root_bounds=pre)
+                           alpha_steps=cfg.chain_bab_alpha_steps, root_bounds=pre)
     if res.status == "verified":
         p.margins["chain-bab"] = res.lower
     if res.message:
