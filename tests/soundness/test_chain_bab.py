@@ -206,3 +206,35 @@ def test_alpha_beta_bound_of_a_split_domain_holds_on_its_points(seed):
                            _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, projected)[0])
         warm_opt, _, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, state)
         assert warm_opt[0] >= opt[0] - 1e-6, "the optimised state reproduces (about) its bound"
+
+
+def test_children_are_tightened_from_their_own_split_layer():
+    """A batch of children split in different layers is re-bounded child by child from the ReLU after its
+    own split (grouped per split layer): the same bounds as one call per child; a child split in the last
+    ReLU keeps its bounds."""
+    from certdist.verification.chain_bab import _RowSearch
+    net = tiny_conv_net(1, bn=True).double().requires_grad_(False)
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(4)).double()
+    threat = ThreatModel(0.2)
+    box = threat.box(x)
+    chain = build_chain(net, x)
+    pre = intermediate_bounds_of(chain, box, "crown")
+    kids, layers = [], []
+    for layer in (chain.relus[0], chain.relus[1], chain.relus[-1], chain.relus[0]):
+        _, _, _, unstable = relu_relaxation(pre[layer])
+        j = int(torch.nonzero(unstable.flatten())[len(kids) % 2])
+        child = {i: Interval(v.lower.clone(), v.upper.clone()) for i, v in pre.items()}
+        (child[layer].lower if len(kids) % 2 else child[layer].upper).view(-1)[j] = 0.0
+        kids.append(child)
+        layers.append(layer)
+    stacked = {i: Interval(torch.cat([k[i].lower for k in kids]), torch.cat([k[i].upper for k in kids]))
+               for i in chain.relus}
+    search = _RowSearch(net, chain, box, threat, torch.zeros(3, dtype=torch.float64), None, 0.0, 4, 0, 0.1,
+                        1e9, 2 ** 30)
+    got = search.tighten(stacked, layers)
+    for n, (child, layer) in enumerate(zip(kids, layers)):
+        ref = tighten_intermediate(chain, box, child, layer + 1)
+        for i in chain.relus:
+            close = lambda a, b: torch.allclose(a, b, rtol=1e-12, atol=1e-12)  # noqa: E731 (batched rounding)
+            assert close(got[i].lower[n], ref[i].lower[0]) and close(got[i].upper[n], ref[i].upper[0]), (n, i)
+    assert not torch.equal(got[chain.relus[-1]].lower[0], pre[chain.relus[-1]].lower[0]), "a split tightens"

@@ -14,8 +14,9 @@ the largest BaBSR score (Bunel et al. 2020: the coefficient of the margin's back
 output times the chord's intercept ``-l u / (u - l)``, the relaxation error the split removes; ties
 broken by the intercept), and bounds all children at once:
 
-- the still-unstable neurons of the ReLUs after the split are re-bounded by CROWN given the splits and
-  intersected with the parent's bounds (:func:`~certdist.propagation.crown.tighten_intermediate`);
+- the still-unstable neurons of the ReLUs after the child's split are re-bounded by CROWN given the splits
+  and intersected with the parent's bounds (:func:`~certdist.propagation.crown.tighten_intermediate`, one
+  call per split layer: a child split in the last ReLU needs none);
 - the margin by CROWN (which also gives the branching scores and the minimiser of the linear bound)
   and by ``alpha_steps`` of alpha-beta-CROWN; the largest lower bound counts. Each child starts from its
   parent's slopes and split multipliers of the parent's best bound (as alpha-beta-CROWN does), projected
@@ -189,8 +190,8 @@ class _RowSearch:
             heapq.heappush(self.heap, (key, next(self.counter), dom, split))
         return False
 
-    def children(self, popped: list) -> tuple[Bounds, dict[int, torch.Tensor], int, tuple[dict, dict]]:
-        """Two children per domain (active, then inactive), stacked; the first split layer; the parents'
+    def children(self, popped: list) -> tuple[Bounds, dict[int, torch.Tensor], list[int], tuple[dict, dict]]:
+        """Two children per domain (active, then inactive), stacked; each child's split layer; the parents'
         slopes and multipliers for the children to start from."""
         D = len(popped)
         pre, splits = {}, {}
@@ -210,7 +211,23 @@ class _RowSearch:
         warm = tuple({i: torch.stack([dom[2][k].get(i) if i in dom[2][k] else fallback[k](dom, i)
                                       for _, _, dom, _ in popped] * 2)
                       for i in set().union(*(dom[2][k] for _, _, dom, _ in popped))} for k in range(2))
-        return pre, splits, min(split[0] for _, _, _, split in popped), warm
+        return pre, splits, [split[0] for _, _, _, split in popped] * 2, warm
+
+    def tighten(self, pre: Bounds, layers: list[int]) -> Bounds:
+        """:func:`~certdist.propagation.crown.tighten_intermediate` of each child from the ReLU after its
+        split layer ``layers[n]`` on (children split in the last ReLU keep their bounds), in one call per
+        split layer."""
+        out = {i: Interval(v.lower.clone(), v.upper.clone()) for i, v in pre.items()}
+        for layer in sorted(set(layers)):
+            if layer == self.chain.relus[-1]:
+                continue
+            rows = torch.tensor([n for n, l in enumerate(layers) if l == layer])
+            sub = {i: Interval(v.lower[rows], v.upper[rows]) for i, v in pre.items()}
+            new = tighten_intermediate(self.chain, self._box(len(rows)), sub, layer + 1, self.max_memory)
+            for i in self.chain.relus:
+                if i > layer:
+                    out[i].lower[rows], out[i].upper[rows] = new[i].lower, new[i].upper
+        return out
 
     def run(self, root: Bounds) -> BabResult:
         splits = {i: torch.zeros(v.lower.shape, dtype=torch.int8, device=v.lower.device) for i, v in root.items()}
@@ -220,9 +237,9 @@ class _RowSearch:
             if time.monotonic() > self.deadline:
                 return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
             popped = [heapq.heappop(self.heap) for _ in range(min(self.batch, len(self.heap)))]
-            pre, splits, first, warm = self.children(popped)
+            pre, splits, layers, warm = self.children(popped)
             with torch.no_grad():
-                pre = tighten_intermediate(self.chain, self._box(2 * len(popped)), pre, first + 1, self.max_memory)
+                pre = self.tighten(pre, layers)
             if self.process(pre, splits, *self.bound(pre, splits, warm)):
                 return BabResult("falsified", -math.inf, self.counterexample, self.domains)
         if self.undecided:
