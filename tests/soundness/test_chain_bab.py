@@ -238,3 +238,17 @@ def test_children_are_tightened_from_their_own_split_layer():
             close = lambda a, b: torch.allclose(a, b, rtol=1e-12, atol=1e-12)  # noqa: E731 (batched rounding)
             assert close(got[i].lower[n], ref[i].lower[0]) and close(got[i].upper[n], ref[i].upper[0]), (n, i)
     assert not torch.equal(got[chain.relus[-1]].lower[0], pre[chain.relus[-1]].lower[0]), "a split tightens"
+
+
+def test_the_time_limit_stops_the_slope_optimisation():
+    """The deadline is checked inside a batch's alpha-beta optimisation too, not only between batches:
+    20,000 steps per batch (tens of seconds) with a 1 s limit end after about a second, unknown."""
+    import time
+    net = tiny_conv_net(0)
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(3))
+    y = int(net(x).argmax(1))
+    threat = ThreatModel(0.01)  # robust (test_threshold_is_the_proving_level): no counterexample ends it
+    C = margin_matrix(torch.tensor([y]), 3)[0]
+    start = time.monotonic()
+    res = chain_bab_verify(net, x, threat, C, 1.0, _checker(net, x, y, threat), threshold=1e9, alpha_steps=20000)
+    assert res.status == "unknown" and time.monotonic() - start < 6.0, (res, time.monotonic() - start)

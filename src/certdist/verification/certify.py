@@ -91,8 +91,9 @@ class CertifyConfig:
     (``attack_steps`` steps each; 0 skips the stage) on the points the bound stages leave open.
     ``alpha_iterations``: alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and
     alpha/beta optimisation steps per batch; ``chain_bab_alpha_steps``: those of the chain BaB, whose children
-    start from their parent's slopes and multipliers, so that fewer steps suffice. ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
-    entries each. ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
+    start from their parent's slopes and multipliers, so that fewer steps suffice. ``max_dense_weights``:
+    complete verification needs the network as dense matrices of at most this many entries each.
+    ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
     ``batched_ibp``: decide misclassified and IBP-verified points for the whole file in batches first
     (``batch_size`` points at a time) and run the per-point pipeline on the rest only; the verdicts are those
     of the per-point order, since a point that IBP proves robust can have no counterexample for the attack to

@@ -76,15 +76,16 @@ def _backward(chain: Chain, box: Interval, pre: Bounds, c: torch.Tensor, alphas:
 
 
 def _bound_domains(chain: Chain, box: Interval, pre: Bounds, splits: dict[int, torch.Tensor], c: torch.Tensor,
-                   steps: int, lr: float, threshold: float, warm: tuple[dict, dict] | None = None
+                   steps: int, lr: float, threshold: float, warm: tuple[dict, dict] | None = None,
+                   deadline: float = math.inf
                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[dict, dict]]:
     """Lower bound of ``c . logits`` per domain [D] (the best of CROWN and up to ``steps`` of projected Adam
     on the lower slopes and split multipliers, alpha-beta-CROWN, stopped early once every domain's bound
-    is above ``threshold``), the minimiser of CROWN's linear bound over the box [D, *input], the BaBSR
-    scores per ReLU, and the slopes and multipliers of each domain's best bound, ``(alphas, betas)`` by ReLU
-    layer index (``[D, 1, *shape]``, ``[D, *shape]``). ``warm``: slopes and multipliers to start from (a
-    parent's; projected onto [0, 1] and >= 0; the CROWN pass uses them too), else the adaptive slopes and
-    zero multipliers."""
+    is above ``threshold`` or once ``time.monotonic()`` passes ``deadline``), the minimiser of CROWN's
+    linear bound over the box [D, *input], the BaBSR scores per ReLU, and the slopes and multipliers of
+    each domain's best bound, ``(alphas, betas)`` by ReLU layer index (``[D, 1, *shape]``, ``[D, *shape]``).
+    ``warm``: slopes and multipliers to start from (a parent's; projected onto [0, 1] and >= 0; the CROWN
+    pass uses them too), else the adaptive slopes and zero multipliers."""
     warm_a, warm_b = warm if warm is not None else ({}, {})
     alphas, signs = {}, {}
     for i in chain.relus:
@@ -113,7 +114,7 @@ def _bound_domains(chain: Chain, box: Interval, pre: Bounds, splits: dict[int, t
                 best = torch.maximum(best, low.detach())
                 for k, p in zip(kept, params):
                     k[better] = p.detach()[better]
-                if bool((best > threshold).all()):
+                if bool((best > threshold).all()) or time.monotonic() > deadline:
                     break
                 opt.zero_grad()
                 (-low.sum()).backward()
@@ -151,7 +152,7 @@ class _RowSearch:
         D = next(iter(pre.values())).lower.shape[0]
         self.domains += D
         return _bound_domains(self.chain, self._box(D), pre, splits, self.c, self.alpha_steps, self.alpha_lr,
-                              self.threshold, warm)
+                              self.threshold, warm, self.deadline)
 
     def try_points(self, xs: torch.Tensor) -> bool:
         """Pass the points with a negative margin to ``check``; True on a validated counterexample."""
