@@ -66,7 +66,7 @@ def test_pipeline_verdicts_are_sound(net_data, tmp_path, eps):
         if r["status"] == "falsified":
             cex = torch.tensor(r["counterexample"]).view_as(x)
             assert validate_counterexample(net, cex, x, y, threat)
-            assert r["stage"] in ("attack", "bab", "milp")
+            assert r["stage"] in ("attack", "apgd", "bab", "milp")
         if r["status"] == "verified":
             assert r["stage"] in ("ibp", "crown", "alpha-crown", "bab", "milp")
             assert not _grid_counterexample(net, x, y, eps)
@@ -225,6 +225,26 @@ def test_shards_merge_into_the_unsharded_summary(net_data, tmp_path):
     other.write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(ValueError, match="eps"):
         merge([paths[0], other])
+
+
+def test_apgd_stage_falsifies_points_the_bound_stages_leave_open(net_data, tmp_path):
+    """Without the first attack and complete verification, the points with a counterexample that the
+    bound stages leave open are unknown; the APGD stage falsifies some of them, with valid counterexamples,
+    and changes no other verdict."""
+    net, X, Y = net_data
+    threat = ThreatModel(0.2)
+    opts = dict(FAST, attack_losses=(), complete="none")
+    off = {r["index"]: r for r in read_records(certify_dataset(net, X, Y, threat, tmp_path / "off.jsonl",
+                                                               apgd_restarts=0, **opts) and tmp_path / "off.jsonl")}
+    on = {r["index"]: r for r in read_records(certify_dataset(net, X, Y, threat, tmp_path / "on.jsonl", **opts)
+                                              and tmp_path / "on.jsonl")}
+    assert not any(r["status"] == "falsified" for r in off.values())
+    found = [i for i, r in on.items() if r["status"] == "falsified"]
+    assert found and all(on[i]["stage"] == "apgd" and off[i]["status"] == "unknown" for i in found)
+    for i in found:
+        cex = torch.tensor(on[i]["counterexample"]).view_as(X[i:i + 1])
+        assert validate_counterexample(net, cex, X[i:i + 1], int(Y[i]), threat)
+    assert all(on[i]["status"] == off[i]["status"] for i in on if i not in found)
 
 
 def test_timeout_and_disabled_complete_give_unknown(tmp_path):

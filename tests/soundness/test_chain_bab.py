@@ -187,7 +187,68 @@ def test_alpha_beta_bound_of_a_split_domain_holds_on_its_points(seed):
             betas = {first: beta * signs[first].double()}
             fixed = _backward(chain, box, split, c, betas=betas).concretize(box).lower[0, 0]
             assert (logits @ c >= fixed - 1e-6).all(), f"beta {beta}: a point of the split domain lies below"
-        plain, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0)
-        opt, _, _ = _bound_domains(chain, box, split, signs, c, 20, 0.1, float("inf"))
+        plain, _, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0)
+        opt, _, _, state = _bound_domains(chain, box, split, signs, c, 20, 0.1, float("inf"))
         assert opt[0] >= plain[0] - 1e-9
         assert (logits @ c >= opt[0] - 1e-6).all(), "a point of the split domain lies below the bound"
+        # warm starts (children start from their parent's slopes and multipliers): the given ones, even
+        # out of range (slopes outside [0, 1], negative multipliers, which would be unsound unprojected)
+        g = torch.Generator().manual_seed(seed)
+        wild = ({i: torch.rand(a.shape, generator=g, dtype=a.dtype) * 3 - 1 for i, a in state[0].items()},
+                {i: torch.randn(b.shape, generator=g, dtype=b.dtype) * 5 for i, b in state[1].items()})
+        assert state[1] and any((b < 0).any() for b in wild[1].values())
+        for warm in (state, wild):
+            for steps in (0, 5):
+                low, _, _, _ = _bound_domains(chain, box, split, signs, c, steps, 0.1, float("inf"), warm)
+                assert (logits @ c >= low[0] - 1e-6).all(), f"warm start, {steps} steps: a point lies below"
+        projected = ({i: a.clamp(0, 1) for i, a in wild[0].items()}, {i: b.clamp(min=0) for i, b in wild[1].items()})
+        assert torch.equal(_bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, wild)[0],
+                           _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, projected)[0])
+        warm_opt, _, _, _ = _bound_domains(chain, box, split, signs, c, 0, 0.1, 0.0, state)
+        assert warm_opt[0] >= opt[0] - 1e-6, "the optimised state reproduces (about) its bound"
+
+
+def test_children_are_tightened_from_their_own_split_layer():
+    """A batch of children split in different layers is re-bounded child by child from the ReLU after its
+    own split (grouped per split layer): the same bounds as one call per child; a child split in the last
+    ReLU keeps its bounds."""
+    from certdist.verification.chain_bab import _RowSearch
+    net = tiny_conv_net(1, bn=True).double().requires_grad_(False)
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(4)).double()
+    threat = ThreatModel(0.2)
+    box = threat.box(x)
+    chain = build_chain(net, x)
+    pre = intermediate_bounds_of(chain, box, "crown")
+    kids, layers = [], []
+    for layer in (chain.relus[0], chain.relus[1], chain.relus[-1], chain.relus[0]):
+        _, _, _, unstable = relu_relaxation(pre[layer])
+        j = int(torch.nonzero(unstable.flatten())[len(kids) % 2])
+        child = {i: Interval(v.lower.clone(), v.upper.clone()) for i, v in pre.items()}
+        (child[layer].lower if len(kids) % 2 else child[layer].upper).view(-1)[j] = 0.0
+        kids.append(child)
+        layers.append(layer)
+    stacked = {i: Interval(torch.cat([k[i].lower for k in kids]), torch.cat([k[i].upper for k in kids]))
+               for i in chain.relus}
+    search = _RowSearch(net, chain, box, threat, torch.zeros(3, dtype=torch.float64), None, 0.0, 4, 0, 0.1,
+                        1e9, 2 ** 30)
+    got = search.tighten(stacked, layers)
+    for n, (child, layer) in enumerate(zip(kids, layers)):
+        ref = tighten_intermediate(chain, box, child, layer + 1)
+        for i in chain.relus:
+            close = lambda a, b: torch.allclose(a, b, rtol=1e-12, atol=1e-12)  # noqa: E731 (batched rounding)
+            assert close(got[i].lower[n], ref[i].lower[0]) and close(got[i].upper[n], ref[i].upper[0]), (n, i)
+    assert not torch.equal(got[chain.relus[-1]].lower[0], pre[chain.relus[-1]].lower[0]), "a split tightens"
+
+
+def test_the_time_limit_stops_the_slope_optimisation():
+    """The deadline is checked inside a batch's alpha-beta optimisation too, not only between batches:
+    20,000 steps per batch (tens of seconds) with a 1 s limit end after about a second, unknown."""
+    import time
+    net = tiny_conv_net(0)
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(3))
+    y = int(net(x).argmax(1))
+    threat = ThreatModel(0.01)  # robust (test_threshold_is_the_proving_level): no counterexample ends it
+    C = margin_matrix(torch.tensor([y]), 3)[0]
+    start = time.monotonic()
+    res = chain_bab_verify(net, x, threat, C, 1.0, _checker(net, x, y, threat), threshold=1e9, alpha_steps=20000)
+    assert res.status == "unknown" and time.monotonic() - start < 6.0, (res, time.monotonic() - start)

@@ -5,11 +5,13 @@ Per point, in order (the first conclusive stage ends the point):
 1. ``clean``: the eval-mode network misclassifies ``x`` -> ``misclassified``;
 2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
 3. ``ibp`` -> ``crown`` -> ``alpha-crown``: every margin proved -> ``verified``;
-4. complete verification with the time left -> ``verified`` / ``falsified``: under ``complete="auto"``
+4. ``apgd``: APGD with the DLR loss on the points the bound stages leave open (a stronger attack, only
+   where one can pay off) -> ``falsified``;
+5. complete verification with the time left -> ``verified`` / ``falsified``: under ``complete="auto"``
    the exact ``milp`` when the network has a dense form and few ReLUs are unstable after CROWN, else
    ``chain-bab`` (branch and bound on the layer chain, started from the CROWN stage's intermediate
    bounds); ``bab`` (dense branch and bound), ``milp`` and ``chain-bab`` can be asked for;
-5. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
+6. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
    float32 tolerance that no counterexample realises).
 
 Soundness policy (docs/method.md): the bounds are computed in float64 on a float64 copy of the
@@ -45,6 +47,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from certdist.attacks.apgd import apgd
 from certdist.attacks.pgd import pgd
 from certdist.bounds import Interval
 from certdist.models.cnn import check_float32
@@ -84,10 +87,13 @@ class CertifyConfig:
     network has a dense form and the point has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else
     ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network), ``bab`` (branch and
     bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense form only) or ``none``.
-    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``alpha_iterations``: alpha-CROWN steps
-    (0 skips the stage). ``bab_*``: branch-and-bound batch size and alpha/beta optimisation steps per batch.
-    ``max_dense_weights``: complete verification needs the network as dense matrices of at most this many
-    entries each. ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
+    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``apgd_restarts``: APGD-DLR restarts
+    (``attack_steps`` steps each; 0 skips the stage) on the points the bound stages leave open.
+    ``alpha_iterations``: alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and
+    alpha/beta optimisation steps per batch; ``chain_bab_alpha_steps``: those of the chain BaB, whose children
+    start from their parent's slopes and multipliers, so that fewer steps suffice. ``max_dense_weights``:
+    complete verification needs the network as dense matrices of at most this many entries each.
+    ``counterexample_dir``: also save each counterexample as ``<index>.pt`` there.
     ``batched_ibp``: decide misclassified and IBP-verified points for the whole file in batches first
     (``batch_size`` points at a time) and run the per-point pipeline on the rest only; the verdicts are those
     of the per-point order, since a point that IBP proves robust can have no counterexample for the attack to
@@ -98,12 +104,14 @@ class CertifyConfig:
     attack_steps: int = 100
     restarts: int = 5
     attack_losses: tuple[str, ...] = ("margin", "ce")
+    apgd_restarts: int = 5
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
     milp_max_unstable: int = 64
     milp_threads: int = 1
     bab_batch: int = 64
     bab_alpha_steps: int = 20
+    chain_bab_alpha_steps: int = 10
     max_dense_weights: int = 20_000_000
     seed: int = 0
     counterexample_dir: str | None = None
@@ -123,8 +131,9 @@ class CertifyConfig:
             raise ValueError(f"unknown complete method {self.complete!r}; known: {', '.join(COMPLETE_METHODS)}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
-        if self.attack_steps < 0 or self.restarts < 1:
-            raise ValueError(f"need attack_steps >= 0 and restarts >= 1, got {self.attack_steps}, {self.restarts}")
+        if self.attack_steps < 0 or self.restarts < 1 or self.apgd_restarts < 0:
+            raise ValueError(f"need attack_steps >= 0, restarts >= 1 and apgd_restarts >= 0, got {self.attack_steps}, "
+                             f"{self.restarts}, {self.apgd_restarts}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,6 +291,17 @@ def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: "_Point | 
     return None
 
 
+def _late_attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: _Point) -> torch.Tensor | None:
+    """APGD-DLR (``cfg.apgd_restarts`` restarts of ``cfg.attack_steps`` steps) for a point the bound stages
+    left open; the validated counterexample or None (also when skipped: no restarts, no steps, no time,
+    fewer than 3 classes, which DLR needs)."""
+    if not (cfg.apgd_restarts and cfg.attack_steps and p.left() > 0 and _num_classes(model, x) >= 3):
+        return None
+    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + len(cfg.attack_losses))
+    x_adv = apgd(model, x, y_t, threat, steps=cfg.attack_steps, loss="dlr", restarts=cfg.apgd_restarts, generator=g)
+    return x_adv if validate_counterexample(model, x_adv, x, int(y_t), threat) else None
+
+
 def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
                   ) -> tuple[str | None, torch.Tensor, list[Interval] | None]:
     """IBP, CROWN, alpha-CROWN in float64 in turn on ``box`` (a :class:`_FixedBox`); returns (proving
@@ -379,7 +399,7 @@ def _chain_complete(model, x, y: int, threat, box64: Interval, C_rows, tol_rows,
     threshold = float(tol_rows.max()) if tol_rows.numel() else 0.0
     res = chain_bab_verify(model, x, _FixedBox(threat, box64), C_rows, max(p.left(), 1e-3),
                            _candidate_checker(model, x, y, threat), threshold=threshold, batch=cfg.bab_batch,
-                           alpha_steps=cfg.bab_alpha_steps, root_bounds=pre)
+                           alpha_steps=cfg.chain_bab_alpha_steps, root_bounds=pre)
     if res.status == "verified":
         p.margins["chain-bab"] = res.lower
     if res.message:
@@ -426,6 +446,10 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     proved_by, best, pre = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
     if proved_by is not None:
         return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
+    cex = _late_attack(model, x, y_t, threat, cfg, index, p)
+    if cex is not None:
+        p.stage = "apgd"
+        return _record(p, "falsified", "apgd", cfg, threat.eps, pred, cex, model, **fp)
     unstable = None if pre is None else count_unstable([b.lower for b in pre], [b.upper for b in pre])
     method, why = _complete_method(cfg, v.dense, unstable)
     if method is None:

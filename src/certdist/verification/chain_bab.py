@@ -14,10 +14,15 @@ the largest BaBSR score (Bunel et al. 2020: the coefficient of the margin's back
 output times the chord's intercept ``-l u / (u - l)``, the relaxation error the split removes; ties
 broken by the intercept), and bounds all children at once:
 
-- the still-unstable neurons of the ReLUs after the split are re-bounded by CROWN given the splits and
-  intersected with the parent's bounds (:func:`~certdist.propagation.crown.tighten_intermediate`);
+- the still-unstable neurons of the ReLUs after the child's split are re-bounded by CROWN given the splits
+  and intersected with the parent's bounds (:func:`~certdist.propagation.crown.tighten_intermediate`, one
+  call per split layer: a child split in the last ReLU needs none);
 - the margin by CROWN (which also gives the branching scores and the minimiser of the linear bound)
-  and by ``alpha_steps`` of alpha-CROWN; the larger lower bound counts.
+  and by ``alpha_steps`` of alpha-beta-CROWN; the largest lower bound counts. Each child starts from its
+  parent's slopes and split multipliers of the parent's best bound (as alpha-beta-CROWN does), projected
+  onto their valid ranges; with that, fewer steps per domain suffice (on the DM-small CC-IBP net at
+  eps 0.15 a hard point needs 271 domains, 5.9 s, with 10 steps; 319 domains, 9.4 s, with 20 steps from
+  the adaptive slopes, and stays open with 10 steps from them).
 
 Soundness rules: a domain is closed only when its lower bound is ``> threshold`` (NaN proves nothing;
 ``threshold`` lets the caller demand a float tolerance); the verdict is ``verified`` only when every
@@ -71,33 +76,45 @@ def _backward(chain: Chain, box: Interval, pre: Bounds, c: torch.Tensor, alphas:
 
 
 def _bound_domains(chain: Chain, box: Interval, pre: Bounds, splits: dict[int, torch.Tensor], c: torch.Tensor,
-                   steps: int, lr: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                   steps: int, lr: float, threshold: float, warm: tuple[dict, dict] | None = None,
+                   deadline: float = math.inf
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], tuple[dict, dict]]:
     """Lower bound of ``c . logits`` per domain [D] (the best of CROWN and up to ``steps`` of projected Adam
     on the lower slopes and split multipliers, alpha-beta-CROWN, stopped early once every domain's bound
-    is above ``threshold``), the minimiser of CROWN's linear bound over the box [D, *input], and the
-    BaBSR scores per ReLU."""
-    scores: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        lin = _backward(chain, box, pre, c, scores=scores)
-        best = lin.concretize(box).lower[:, 0]
-        minimiser = torch.where(lin.lA[:, 0] >= 0, box.lower, box.upper)
+    is above ``threshold`` or once ``time.monotonic()`` passes ``deadline``), the minimiser of CROWN's
+    linear bound over the box [D, *input], the BaBSR scores per ReLU, and the slopes and multipliers of
+    each domain's best bound, ``(alphas, betas)`` by ReLU layer index (``[D, 1, *shape]``, ``[D, *shape]``).
+    ``warm``: slopes and multipliers to start from (a parent's; projected onto [0, 1] and >= 0; the CROWN
+    pass uses them too), else the adaptive slopes and zero multipliers."""
+    warm_a, warm_b = warm if warm is not None else ({}, {})
     alphas, signs = {}, {}
     for i in chain.relus:
         _, _, adaptive, unstable = relu_relaxation(pre[i])
         if unstable.any():
-            alphas[i] = adaptive.unsqueeze(1).clone().requires_grad_(True)
+            init = warm_a[i] if i in warm_a else adaptive.unsqueeze(1)
+            alphas[i] = init.clone().clamp_(0, 1).requires_grad_(True)
         if (splits[i] != 0).any():
             signs[i] = splits[i].to(box.lower.dtype)
-    raw = {i: torch.zeros_like(s).requires_grad_(True) for i, s in signs.items()}
+    raw = {i: (warm_b[i].clone().clamp_(min=0) if i in warm_b else torch.zeros_like(s)).requires_grad_(True)
+           for i, s in signs.items()}
+    scores: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        lin = _backward(chain, box, pre, c, alphas, {i: r * signs[i] for i, r in raw.items()}, scores=scores)
+        best = lin.concretize(box).lower[:, 0]
+        minimiser = torch.where(lin.lA[:, 0] >= 0, box.lower, box.upper)
     params = list(alphas.values()) + list(raw.values())
+    kept = [p.detach().clone() for p in params]  # the slopes and multipliers of the best bound per domain
     if steps > 0 and params and not bool((best > threshold).all()):
         opt = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
                 betas = {i: r * signs[i] for i, r in raw.items()}
                 low = _backward(chain, box, pre, c, alphas, betas).concretize(box).lower[:, 0]
+                better = low.detach() > best  # False for NaN
                 best = torch.maximum(best, low.detach())
-                if bool((best > threshold).all()):
+                for k, p in zip(kept, params):
+                    k[better] = p.detach()[better]
+                if bool((best > threshold).all()) or time.monotonic() > deadline:
                     break
                 opt.zero_grad()
                 (-low.sum()).backward()
@@ -107,7 +124,8 @@ def _bound_domains(chain: Chain, box: Interval, pre: Bounds, splits: dict[int, t
                         a.clamp_(0, 1)
                     for r in raw.values():
                         r.clamp_(min=0)
-    return best, minimiser, [scores[i] for i in chain.relus]
+    state = (dict(zip(alphas, kept[:len(alphas)])), dict(zip(raw, kept[len(alphas):])))
+    return best, minimiser, [scores[i] for i in chain.relus], state
 
 
 class _RowSearch:
@@ -130,11 +148,11 @@ class _RowSearch:
         shape = (D, *self.box.lower.shape[1:])
         return Interval(self.box.lower.expand(shape), self.box.upper.expand(shape))
 
-    def bound(self, pre: Bounds, splits: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def bound(self, pre: Bounds, splits: dict[int, torch.Tensor], warm=None) -> tuple:
         D = next(iter(pre.values())).lower.shape[0]
         self.domains += D
         return _bound_domains(self.chain, self._box(D), pre, splits, self.c, self.alpha_steps, self.alpha_lr,
-                              self.threshold)
+                              self.threshold, warm, self.deadline)
 
     def try_points(self, xs: torch.Tensor) -> bool:
         """Pass the points with a negative margin to ``check``; True on a validated counterexample."""
@@ -149,7 +167,7 @@ class _RowSearch:
                 return True
         return False
 
-    def process(self, pre: Bounds, splits: dict[int, torch.Tensor], lower, minimiser, scores) -> bool:
+    def process(self, pre: Bounds, splits: dict[int, torch.Tensor], lower, minimiser, scores, state) -> bool:
         """Close, check and queue bounded domains; True when a counterexample was found."""
         closed = lower > self.threshold  # False for NaN
         if closed.any():
@@ -168,12 +186,14 @@ class _RowSearch:
             split = (self.chain.relus[k], j - (sizes[k - 1] if k else 0))
             key = float(lower[d]) if not math.isnan(float(lower[d])) else -math.inf
             dom = ({i: Interval(v.lower[d].clone(), v.upper[d].clone()) for i, v in pre.items()},
-                   {i: t[d].clone() for i, t in splits.items()})
+                   {i: t[d].clone() for i, t in splits.items()},
+                   tuple({i: t[d].clone() for i, t in part.items()} for part in state))
             heapq.heappush(self.heap, (key, next(self.counter), dom, split))
         return False
 
-    def children(self, popped: list) -> tuple[Bounds, dict[int, torch.Tensor], int]:
-        """Two children per domain (active, then inactive), stacked; the first split layer."""
+    def children(self, popped: list) -> tuple[Bounds, dict[int, torch.Tensor], list[int], tuple[dict, dict]]:
+        """Two children per domain (active, then inactive), stacked; each child's split layer; the parents'
+        slopes and multipliers for the children to start from."""
         D = len(popped)
         pre, splits = {}, {}
         for i in self.chain.relus:
@@ -187,7 +207,28 @@ class _RowSearch:
                     up[D + d].view(-1)[j] = up[D + d].view(-1)[j].clamp(max=0)
                     sp[D + d].view(-1)[j] = -1
             pre[i], splits[i] = Interval(lo, up), sp
-        return pre, splits, min(split[0] for _, _, _, split in popped)
+        fallback = (lambda dom, i: relu_relaxation(dom[0][i])[2].unsqueeze(0),  # adaptive slopes
+                    lambda dom, i: dom[0][i].lower.new_zeros(dom[0][i].lower.shape))  # zero multipliers
+        warm = tuple({i: torch.stack([dom[2][k].get(i) if i in dom[2][k] else fallback[k](dom, i)
+                                      for _, _, dom, _ in popped] * 2)
+                      for i in set().union(*(dom[2][k] for _, _, dom, _ in popped))} for k in range(2))
+        return pre, splits, [split[0] for _, _, _, split in popped] * 2, warm
+
+    def tighten(self, pre: Bounds, layers: list[int]) -> Bounds:
+        """:func:`~certdist.propagation.crown.tighten_intermediate` of each child from the ReLU after its
+        split layer ``layers[n]`` on (children split in the last ReLU keep their bounds), in one call per
+        split layer."""
+        out = {i: Interval(v.lower.clone(), v.upper.clone()) for i, v in pre.items()}
+        for layer in sorted(set(layers)):
+            if layer == self.chain.relus[-1]:
+                continue
+            rows = torch.tensor([n for n, l in enumerate(layers) if l == layer])
+            sub = {i: Interval(v.lower[rows], v.upper[rows]) for i, v in pre.items()}
+            new = tighten_intermediate(self.chain, self._box(len(rows)), sub, layer + 1, self.max_memory)
+            for i in self.chain.relus:
+                if i > layer:
+                    out[i].lower[rows], out[i].upper[rows] = new[i].lower, new[i].upper
+        return out
 
     def run(self, root: Bounds) -> BabResult:
         splits = {i: torch.zeros(v.lower.shape, dtype=torch.int8, device=v.lower.device) for i, v in root.items()}
@@ -197,10 +238,10 @@ class _RowSearch:
             if time.monotonic() > self.deadline:
                 return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
             popped = [heapq.heappop(self.heap) for _ in range(min(self.batch, len(self.heap)))]
-            pre, splits, first = self.children(popped)
+            pre, splits, layers, warm = self.children(popped)
             with torch.no_grad():
-                pre = tighten_intermediate(self.chain, self._box(2 * len(popped)), pre, first + 1, self.max_memory)
-            if self.process(pre, splits, *self.bound(pre, splits)):
+                pre = self.tighten(pre, layers)
+            if self.process(pre, splits, *self.bound(pre, splits, warm)):
                 return BabResult("falsified", -math.inf, self.counterexample, self.domains)
         if self.undecided:
             return BabResult("unknown", -math.inf, None, self.domains,
