@@ -97,18 +97,18 @@ FASHION02_CHOSEN = _dist("fashion-mnist", "kl-t4-b0.1", *F02_STUDENT, *KL_T4, "d
 FASHION02_KL1 = _dist("fashion-mnist", "kl-t4-b1", *F02_STUDENT, *KL_T4, "distill.beta=1", prefix="fashion-mnist-0.2")
 
 VALIDATION = "Validation: seed 0, the 5,000 held-out training images, PGD-40."
-FINAL = "Final: 3 seeds, first 1,000 test points, full certify pipeline (10 s per point)."
+FINAL = "Final: {} seeds, first 1,000 test points, full certify pipeline (10 s per point)."
 F02_NOTE = " Students: CC-IBP alpha 0.3, train eps x1.334 (the MNIST 0.3 recipe)."
 
 
 def _tables(name: str, dataset: str, eps: float, teacher: Method, grid: tuple[Method, ...],
-            final: tuple[Method, ...], note: str = "") -> dict[str, Table]:
+            final: tuple[Method, ...], note: str = "", seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Table]:
     """A setting's validation table ``<name>-grid`` (seed 0; the final table's seed-0 runs are among its
     runs) and its final table ``<name>``."""
     setting = f"{name}/dm_small"
     return {f"{name}-grid": Table(setting, dataset, eps, teacher, grid, seeds=(0,), certify_n=None,
                                   note=VALIDATION + note),
-            name: Table(setting, dataset, eps, teacher, final, note=FINAL + note)}
+            name: Table(setting, dataset, eps, teacher, final, seeds=seeds, note=FINAL.format(len(seeds)) + note)}
 
 
 TABLES: dict[str, Table] = {
@@ -116,7 +116,8 @@ TABLES: dict[str, Table] = {
     **_tables("fashion-mnist-0.1", "fashion-mnist", 0.1, FASHION_TEACHER, (FASHION_CCIBP, FASHION_KL01, FASHION_CHOSEN),
               (FASHION_CCIBP, FASHION_KL01, FASHION_CHOSEN)),
     **_tables("fashion-mnist-0.2", "fashion-mnist", 0.2, FASHION02_TEACHER,
-              (FASHION02_CCIBP, FASHION02_CHOSEN, FASHION02_KL1), (FASHION02_CCIBP, FASHION02_CHOSEN), F02_NOTE),
+              (FASHION02_CCIBP, FASHION02_CHOSEN, FASHION02_KL1), (FASHION02_CCIBP, FASHION02_CHOSEN), F02_NOTE,
+              seeds=(0, 1, 2, 3, 4)),  # 5 seeds: the 3-seed gain was inside CC-IBP's spread
 }
 
 
