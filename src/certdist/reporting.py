@@ -122,17 +122,19 @@ def plot_figure(run_dirs: list[str | Path]):
             continue
         ep = [int(float(r["epoch"])) for r in rows]
         label = _label(d)
-        has_test = "test_clean" in rows[0]
-        if has_test:
-            axes[0].plot(ep, [float(r["test_clean"]) for r in rows], color=color, label=f"{label} clean")
-            axes[0].plot(ep, [float(r["test_ibp_cert"]) for r in rows], "--", color=color, label=f"{label} IBP-cert")
+        prefix = eval_prefix(rows[0])
+        if prefix:
+            axes[0].plot(ep, [float(r[f"{prefix}_clean"]) for r in rows], color=color,
+                         label=f"{label} {prefix} clean")
+            axes[0].plot(ep, [float(r[f"{prefix}_ibp_cert"]) for r in rows], "--", color=color,
+                         label=f"{label} {prefix} IBP-cert")
         axes[1].plot(ep, [float(r["eps"]) for r in rows], color=color, label=label)
         axes[2].plot(ep, [float(r["train_loss"]) for r in rows], color=color, label=label)
         clean, cert = _final_point(d, rows)
         if clean is not None:
             axes[3].scatter([cert], [clean], color=color, label=label)
             axes[3].annotate(label, (cert, clean), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    titles = ["test accuracy % (first 1000 points)", "training eps", "training loss",
+    titles = ["evaluation split accuracy % (first 1000 points)", "training eps", "training loss",
               "trade-off: clean vs IBP-certified % (final)"]
     for k, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_title(title)
@@ -157,9 +159,19 @@ def _final_point(d: Path, rows: list[dict]) -> tuple[float | None, float | None]
         r = json.loads(f.read_text())
         if "clean_acc" in r and "ibp_cert_acc" in r:
             return float(r["clean_acc"]), float(r["ibp_cert_acc"])
-    if rows and "test_clean" in rows[-1]:
-        return float(rows[-1]["test_clean"]), float(rows[-1]["test_ibp_cert"])
+    prefix = eval_prefix(rows[-1]) if rows else None
+    if prefix:
+        return float(rows[-1][f"{prefix}_clean"]), float(rows[-1][f"{prefix}_ibp_cert"])
     return None, None
+
+
+def eval_prefix(row: dict) -> str | None:
+    """The evaluation split's column prefix of a ``metrics.csv`` row: ``val`` (``eval.split=validation``) or
+    ``test``; None when the run evaluated nothing per epoch."""
+    for prefix in ("val", "test"):
+        if row.get(f"{prefix}_clean") not in (None, ""):
+            return prefix
+    return None
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
@@ -206,8 +218,10 @@ def plot_diagnosis(run_dirs: list[str | Path], out: str | Path) -> Path:
         line(axes[2], ep, rows, "train_feat_norm", "-", c, f"{name}: student ||h(x_adv)||")
         line(axes[2], ep, rows, "train_teacher_norm", "--", c, f"{name}: teacher ||t||")
         line(axes[2], ep, rows, "train_feat_width", ":", c, f"{name}: student box width x100", scale=100.0)
-        line(axes[3], ep, rows, "test_clean", "-", c, f"{name}: clean")
-        line(axes[3], ep, rows, "test_ibp_cert", "--", c, f"{name}: IBP-cert")
+        prefix = eval_prefix(rows[-1]) if rows else None
+        if prefix:
+            line(axes[3], ep, rows, f"{prefix}_clean", "-", c, f"{name}: {prefix} clean")
+            line(axes[3], ep, rows, f"{prefix}_ibp_cert", "--", c, f"{name}: {prefix} IBP-cert")
     titles = ["loss terms (training mean)", "distillation: box centre vs width (unweighted)",
               "feature scale", "evaluation split, first 1000 points %"]
     for ax, title in zip(axes, titles):

@@ -178,7 +178,17 @@ def test_validation_split_is_held_out_and_evaluated(tmp_path, monkeypatch):
     seen = []
     real_iter = loop._batch_iter
     monkeypatch.setattr(loop, "_batch_iter", lambda data, *a, **k: seen.append(len(data)) or real_iter(data, *a, **k))
-    res = json.loads((train(c) / "results.json").read_text())
+    run = train(c)
+    res = json.loads((run / "results.json").read_text())
     assert seen == [1000] and res["n"] == 300 and res["split"] == "validation"
+    # the per-epoch columns name the split they were measured on
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val_clean" in header and "val_ibp_cert" in header and not any(k.startswith("test_") for k in header)
+    from certdist.reporting import _final_point, eval_prefix
+    import csv
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert eval_prefix(rows[-1]) == "val"
+    (run / "results.json").unlink()  # an unfinished run: its last epoch's validation numbers
+    assert _final_point(run, rows) == (float(rows[-1]["val_clean"]), float(rows[-1]["val_ibp_cert"]))
     with pytest.raises(ValueError, match="validation: need 1 <= N < 2000"):
         D.holdout(full, 2000)

@@ -2,6 +2,7 @@
 a counterexample exists that :func:`validate_counterexample` accepts on the eval-mode float32 model)."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -227,7 +228,7 @@ def test_huge_eps_is_not_verified():
 
 # --- case 6: stale verdicts on resume -------------------------------------------------------------
 
-def test_resume_refuses_other_models_data_and_settings(tmp_path):
+def test_resume_refuses_other_models_data_settings_and_verifier_versions(tmp_path, monkeypatch):
     net = random_net("mlp", 0).eval()
     X, Y = self_labelled_points(net, 6)
     out = tmp_path / "r.jsonl"
@@ -245,6 +246,16 @@ def test_resume_refuses_other_models_data_and_settings(tmp_path):
         certify_dataset(net, X, Y, threat, out, limit=6, complete="milp", **QUIET)
     with pytest.raises(ValueError, match="other data"):
         certify_dataset(net, X.flip(0), Y.flip(0), threat, out, limit=6, **QUIET)
+    import certdist.verification.certify as cert_mod
+    with monkeypatch.context() as m:  # a bound or policy change since the file was written
+        m.setattr(cert_mod, "VERIFIER_VERSION", cert_mod.VERIFIER_VERSION + "-next")
+        with pytest.raises(ValueError, match="verifier version"):
+            certify_dataset(net, X, Y, threat, out, limit=6, **QUIET)
+    old = tmp_path / "old.jsonl"  # records without the version (an older certdist)
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "verifier"}) + "\n"
+                           for r in read_records(out)))
+    with pytest.raises(ValueError, match="no verifier fingerprint"):
+        certify_dataset(net, X, Y, threat, old, limit=6, **QUIET)
     assert certify_dataset(net, X, Y, threat, out, limit=0, **QUIET)["n"] == 0  # limit 0 reports no points
     assert certify_dataset(net, X, Y, threat, out, limit=5, **QUIET)["n"] == 5  # same run: resumes
     assert len(read_records(out)) == 5

@@ -318,7 +318,7 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
         row |= {f"train_{k}": round(v / counts[k], 5) for k, v in sums.items()}  # rank 0's share
         if dd.is_main:
             if test is not None:
-                row |= _quick_eval(model, test[0], test[1], test_threat, device)
+                row |= _quick_eval(model, test[0], test[1], test_threat, device, cfg.eval.split)
             logger.log(row)
             tqdm.write(f"[{cfg.name}] " + " ".join(f"{k}={v}" for k, v in row.items()))
             _save(last, cfg_record, model, module, opt, teacher, epoch, logger.rows, finished=False)
@@ -346,11 +346,13 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
 
 
 def _quick_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel, device,
-                n: int = 1000) -> dict:
+                split: str, n: int = 1000) -> dict:
     """Clean and IBP-certified accuracy on the first ``n`` points of the evaluation split (eval mode), every
-    epoch; the columns are called ``test_*`` whichever split ``eval.split`` names."""
+    epoch, as columns named after the split: ``test_clean`` / ``test_ibp_cert`` or ``val_clean`` /
+    ``val_ibp_cert`` (``eval.split=validation``)."""
     r = evaluate(model, images[:n], labels[:n], threat, batch_size=n, device=device, progress=False, attack=False)
-    return {"test_clean": round(r["clean_acc"], 2), "test_ibp_cert": round(r["ibp_cert_acc"], 2)}
+    prefix = "val" if split == "validation" else "test"
+    return {f"{prefix}_clean": round(r["clean_acc"], 2), f"{prefix}_ibp_cert": round(r["ibp_cert_acc"], 2)}
 
 
 def _save(path: Path, cfg_record: dict, model, module, opt, teacher, epoch: int, rows: list, finished: bool) -> None:

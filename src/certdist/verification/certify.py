@@ -26,8 +26,9 @@ model before it is reported: inside the box (tolerance 1e-6), inside the data ra
 The network is always verified in eval mode, on a copy: the caller's model and its mode are untouched.
 
 Results go to a JSON-lines file, one record per point, flushed as soon as the point is decided; every
-record carries the hashes of the model state and of the data and the verdict-relevant settings, and a
-rerun skips the points already in the file (resume) only when they match (else it refuses);
+record carries the hashes of the model state and of the data, the verdict-relevant settings and the
+verifier's version (:data:`VERIFIER_VERSION`), and a rerun skips the points already in the file (resume)
+only when all of them match (else it refuses);
 ``shard=(i, n)`` takes the points with ``index % n == i``; :func:`merge` combines shard files into one
 summary.
 """
@@ -569,7 +570,11 @@ def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # Fingerprints: which model, data and settings a record's verdict is about.
 
-FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings")
+# Bump on every change of the bound code or of the stages' policy that can change a verdict (a rule, a
+# tolerance, a stage added or reordered): resuming a file of another version then refuses instead of
+# mixing old and new verdicts. 2026.11.2: APGD stage, chain-BaB warm starts (stop 15); .3: versioned.
+VERIFIER_VERSION = "2026.11.3"
+FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings", "verifier")
 
 
 def _hash_tensors(h, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -593,7 +598,8 @@ def fingerprint(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, th
     _hash_tensors(h, [("images", images), ("labels", labels)])
     settings = {"norm": threat.norm, "data_min": threat.data_min, "data_max": threat.data_max,
                 **cfg.verdict_settings()}
-    return {"model_hash": model_hash(model), "data_hash": h.hexdigest()[:16], "settings": settings}
+    return {"model_hash": model_hash(model), "data_hash": h.hexdigest()[:16], "settings": settings,
+            "verifier": VERIFIER_VERSION}
 
 
 def _resume(out: Path, threat: ThreatModel, fp: dict[str, Any]) -> set[int]:
@@ -606,8 +612,12 @@ def _resume(out: Path, threat: ThreatModel, fp: dict[str, Any]) -> set[int]:
     fix = "certify into another output file (--out) or delete this one"
     for r in done:
         if any(k not in r for k in FINGERPRINT_KEYS):
-            raise ValueError(f"{out}: point {r['index']} has no model/data/settings fingerprint (written by an "
+            missing = [k for k in FINGERPRINT_KEYS if k not in r]
+            raise ValueError(f"{out}: point {r['index']} has no {'/'.join(missing)} fingerprint (written by an "
                              f"older certdist), so its verdict cannot be matched to this run; {fix}")
+        if r["verifier"] != fp["verifier"]:
+            raise ValueError(f"{out} holds verdicts of verifier version {r['verifier']}, this is "
+                             f"{fp['verifier']} (the bounds or stages changed since); {fix}")
         if r["model_hash"] != fp["model_hash"]:
             raise ValueError(f"{out} holds verdicts of another model (state hash {r['model_hash']}, this model: "
                              f"{fp['model_hash']}), e.g. of an earlier or retrained checkpoint; {fix}")
@@ -732,6 +742,6 @@ def _run(v: Verifier, images, labels, threat, cfg: CertifyConfig, out: Path, tod
             bar.set_postfix({k[:5]: c for k, c in counts.items()}, refresh=False)
 
 
-__all__ = ["CertifyConfig", "Verifier", "certify_dataset", "certify_point", "certify_prepared", "eval_copy",
+__all__ = ["VERIFIER_VERSION", "CertifyConfig", "Verifier", "certify_dataset", "certify_point", "certify_prepared", "eval_copy",
            "fingerprint", "format_summary", "merge", "model_hash", "prepare", "read_records", "summarize",
            "validate_counterexample", "STATUSES", "COMPLETE_METHODS"]
