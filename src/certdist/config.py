@@ -63,6 +63,8 @@ class DistillConfig:
     level: Optional[str] = None          # "features" (the paper) or "logits" (AD-CERT-like);
                                          # None: logits for loss kl, else features
     teacher_input: str = "clean"         # "clean" (the paper) or "adversarial"
+    student: str = "adversarial"         # kl: the student's logits at the attack point, or "certified": its
+                                         # CC-IBP pseudo-logits -[(1-a) zd(x_adv) + a zd_IBP] (a: distill alpha)
     projection: bool = False             # learn a linear map student features -> teacher features
     cache: bool = True                   # cache clean teacher features when augmentation allows
     loss: str = "kl"                     # "box" (the paper: worst case over the convex-combination box),
@@ -175,6 +177,10 @@ def validate(c: RunConfig) -> None:
         bad("distill.level", f"unknown level {d.level!r}; valid: features, logits")
     if d.teacher_input not in ("clean", "adversarial"):
         bad("distill.teacher_input", f"unknown value {d.teacher_input!r}; valid: clean, adversarial")
+    if d.student not in ("adversarial", "certified"):
+        bad("distill.student", f"unknown value {d.student!r}; valid: adversarial, certified")
+    if d.student == "certified" and d.loss != "kl":
+        bad("distill.student", "certified distils the worst-case logits: it needs distill.loss=kl")
     if d.loss not in ("box", "point", "kl"):
         bad("distill.loss", f"unknown loss {d.loss!r}; valid: box, point, kl")
     if d.features not in ("raw", "standardized", "normalized"):

@@ -95,3 +95,34 @@ def test_batchnorm_running_stats_come_from_the_clean_batch(method):
     compute_loss(cfg, net, x, y, StepContext(eps=0.1, eps_final=0.1, reg_scale=0.0, crown_beta=0.5))
     for (name, a), (_, b) in zip(net.named_buffers(), expect.named_buffers()):
         torch.testing.assert_close(a, b, msg=f"{method}: buffer {name}")
+
+
+def test_kl_on_certified_logits_distils_the_worst_case_margins():
+    """distill.student=certified: the KL's student side is CC-IBP's pseudo-logits -[(1-a) zd(x_adv) + a zd_IBP];
+    with a = 0 it equals the adversarial-logits KL, with a = 1 the KL on -zd_IBP."""
+    from certdist.losses.certified import logit_differences
+    from certdist.losses.distillation import soft_label_kl
+    from certdist.propagation.ibp import linear_spec_interval, propagate
+    from certdist.specs import full_margin_matrix
+    from certdist.training.objective import Teacher
+    net = random_net("conv", 3).eval()
+    teacher = Teacher(random_net("conv", 4).eval())
+    x, y = torch.rand(6, 2, 6, 6), torch.randint(0, 5, (6,))
+    base = ["method=cc-ibp", "alpha=0.3", "l1=0", "distill.teacher=t.pt", "distill.loss=kl", "distill.beta=1",
+            "attack.steps=0", "attack.random_start=false"]  # x_adv = x: the CC-IBP part is deterministic
+    cc = compute_loss(load_config(None, base[:3] + base[6:]), net, x, y, ctx(0.1))[0]
+
+    def kl(*extra):
+        return compute_loss(load_config(None, base + list(extra)), net, x, y, ctx(0.1), teacher)[0] - cc
+    t = teacher.model(x)
+    feat_box = propagate(list(net.features), ThreatModel(0.1).box(x))
+    zd_lb = linear_spec_interval(net.head, feat_box, full_margin_matrix(y, 5)).lower
+    torch.testing.assert_close(kl("distill.student=certified", "distill.alpha=0"), kl())
+    torch.testing.assert_close(kl(), soft_label_kl(net(x), t, 4.0))
+    torch.testing.assert_close(kl("distill.student=certified", "distill.alpha=1"), soft_label_kl(-zd_lb, t, 4.0))
+    # default distillation alpha = the certified loss's alpha
+    want = soft_label_kl(-(0.7 * logit_differences(net(x), y) + 0.3 * zd_lb), t, 4.0)
+    torch.testing.assert_close(kl("distill.student=certified"), want)
+    assert not torch.allclose(want, kl())
+    with pytest.raises(ValueError, match="distill.student"):
+        load_config(None, ["method=cc-ibp", "distill.loss=box", "distill.student=certified"])

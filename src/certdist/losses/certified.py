@@ -28,10 +28,15 @@ def ibp_loss(zd_lb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ce_of_margins(zd_lb, y)
 
 
+def convex_combination_margins(logits_adv: torch.Tensor, zd_lb: torch.Tensor, y: torch.Tensor,
+                               alpha: float) -> torch.Tensor:
+    """``(1-alpha) zd(x_adv) + alpha zd_lb``: CC-IBP's margins (0 at the true class), [b, classes]."""
+    return (1 - alpha) * logit_differences(logits_adv, y) + alpha * zd_lb
+
+
 def cc_ibp_loss(logits_adv: torch.Tensor, zd_lb: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     """CC-IBP: ``CE(-[(1-alpha) zd(x_adv) + alpha zd_lb], y)`` (De Palma et al. 2024)."""
-    zd_adv = logit_differences(logits_adv, y)
-    return ce_of_margins((1 - alpha) * zd_adv + alpha * zd_lb, y)
+    return ce_of_margins(convex_combination_margins(logits_adv, zd_lb, y, alpha), y)
 
 
 def mtl_ibp_loss(logits_adv: torch.Tensor, zd_lb: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -92,7 +92,7 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
         if distill:  # the clean point is the adversarial point and its own box
             stats["cert_loss"] = loss.item()
             loss = loss + _distill_term(cfg, ctx, model, x, idx, None, feats, logits, Interval.point(feats),
-                                        teacher, stats)
+                                        teacher, stats, y, None)
         return _finish(cfg, model, loss, stats)
 
     if method == "pgd-at":
@@ -149,7 +149,8 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
         stats["reg"] = reg.item()
 
     if distill:
-        loss = loss + _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats)
+        loss = loss + _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats,
+                                    y, zd_lb)
     return _finish(cfg, model, loss, stats)
 
 
@@ -157,8 +158,10 @@ def _beta(cfg: RunConfig, target: torch.Tensor) -> float:
     return cfg.distill.beta if cfg.distill.beta is not None else default_beta(target.shape[1], cfg.distill.loss)
 
 
-def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats) -> torch.Tensor:
-    """beta * (the configured distillation loss); logs its parts for the diagnosis (issue 11)."""
+def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats, y,
+                  zd_lb) -> torch.Tensor:
+    """beta * (the configured distillation loss); logs its parts for the diagnosis (issue 11). ``zd_lb``: the
+    certified loss's lower bounds of the logit differences (None at eps 0, where the box is the point)."""
     d = cfg.distill
     if ctx.dist_scale == 0:  # switched off by the beta schedule: no teacher pass
         return torch.zeros((), device=x.device)
@@ -176,6 +179,8 @@ def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_bo
         point, box = logits_adv, linear_interval(model.head, feat_box)
     stats["teacher_norm"] = target.flatten(1).norm(dim=1).mean().item()
     if d.loss == "kl":
+        if d.student == "certified" and zd_lb is not None:  # CC-IBP's pseudo-logits (shift-free softmax)
+            point = -L.convex_combination_margins(logits_adv, zd_lb, y, alpha)
         loss = soft_label_kl(point, target, d.temperature)
     else:
         if d.features != "raw":  # both sides scale-free: the teacher by its training-set statistics,
