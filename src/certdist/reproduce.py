@@ -55,10 +55,6 @@ def _dist(dataset: str, name: str, *extra: str, prefix: str | None = None) -> Me
                   (f"name={prefix or dataset}_cc-dist_{name}", *extra), True)
 
 
-def _mnist_dist(name: str, *extra: str) -> Method:
-    return _dist("mnist", name, *extra)
-
-
 KL_T4 = ("distill.loss=kl", "distill.level=logits", "distill.temperature=4")
 
 MNIST_TEACHER = Method("PGD-AT teacher", "configs/small/mnist_pgd-at-teacher.yaml")
@@ -67,10 +63,10 @@ MNIST_CCIBP = Method("CC-IBP", "configs/small/mnist_cc-ibp.yaml")
 # soft-label logit distillation at two weights (docs/results.md)
 MNIST_GRID = (
     # (temperature 1: inert for the box loss; the value this run was made with, before the defaults changed)
-    _mnist_dist("std-box-b1e-3", "distill.loss=box", "distill.features=standardized", "distill.beta=1e-3",
+    _dist("mnist", "std-box-b1e-3", "distill.loss=box", "distill.features=standardized", "distill.beta=1e-3",
                 "distill.temperature=1"),
-    _mnist_dist("kl-t4-b1", *KL_T4, "distill.beta=1"),
-    _mnist_dist("kl-t4-b0.1", *KL_T4, "distill.beta=0.1"),
+    _dist("mnist", "kl-t4-b1", *KL_T4, "distill.beta=1"),
+    _dist("mnist", "kl-t4-b0.1", *KL_T4, "distill.beta=0.1"),
 )
 # the variant chosen on the validation split (docs/results.md); configs/small/mnist_cc-dist.yaml ships it
 MNIST_CHOSEN = MNIST_GRID[2]
