@@ -98,6 +98,10 @@ M03_STUDENT = ("eps=0.3", "alpha=0.3", "l1=3e-6", "train_eps_mul=1.334")
 # (PGD-AT at 0.3 from the first step collapses to chance in this budget: one clean epoch, then eps ramps)
 MNIST03_TEACHER = Method("PGD-AT teacher", "configs/small/mnist_pgd-at-teacher.yaml",
                          ("eps=0.3", "warmup_epochs=1", "ramp_epochs=3", "name=mnist-0.3_pgd-at-teacher"))
+# a larger teacher (issue 11 item 4): DM-medium (about 5x DM-small's multiply-adds), the same PGD-AT recipe
+MNIST03_TEACHER_M = Method("PGD-AT teacher (DM-medium)", "configs/small/mnist_pgd-at-teacher.yaml",
+                           MNIST03_TEACHER.overrides[:-1] + ("model.arch=dm_medium",
+                                                             "name=mnist-0.3_pgd-at-teacher-dm-medium"))
 MNIST03_CCIBP = Method("CC-IBP", "configs/small/mnist_cc-ibp.yaml", M03_STUDENT + ("name=mnist-0.3_cc-ibp",))
 MNIST03_KL01 = _dist("mnist", "kl-t4-b0.1", *M03_STUDENT, *KL_T4, "distill.beta=0.1", prefix="mnist-0.3")
 MNIST03_KL03 = _dist("mnist", "kl-t4-b0.3", *M03_STUDENT, *KL_T4, "distill.beta=0.3", prefix="mnist-0.3")
