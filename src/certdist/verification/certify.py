@@ -611,8 +611,8 @@ def _resume(out: Path, threat: ThreatModel, fp: dict[str, Any]) -> set[int]:
                          "use another output file")
     fix = "certify into another output file (--out) or delete this one"
     for r in done:
-        if any(k not in r for k in FINGERPRINT_KEYS):
-            missing = [k for k in FINGERPRINT_KEYS if k not in r]
+        missing = [k for k in FINGERPRINT_KEYS if k not in r]
+        if missing:
             raise ValueError(f"{out}: point {r['index']} has no {'/'.join(missing)} fingerprint (written by an "
                              f"older certdist), so its verdict cannot be matched to this run; {fix}")
         if r["verifier"] != fp["verifier"]:
@@ -742,6 +742,6 @@ def _run(v: Verifier, images, labels, threat, cfg: CertifyConfig, out: Path, tod
             bar.set_postfix({k[:5]: c for k, c in counts.items()}, refresh=False)
 
 
-__all__ = ["VERIFIER_VERSION", "CertifyConfig", "Verifier", "certify_dataset", "certify_point", "certify_prepared", "eval_copy",
-           "fingerprint", "format_summary", "merge", "model_hash", "prepare", "read_records", "summarize",
+__all__ = ["VERIFIER_VERSION", "CertifyConfig", "Verifier", "certify_dataset", "certify_point", "certify_prepared",
+           "eval_copy", "fingerprint", "format_summary", "merge", "model_hash", "prepare", "read_records", "summarize",
            "validate_counterexample", "STATUSES", "COMPLETE_METHODS"]
