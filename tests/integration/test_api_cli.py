@@ -193,3 +193,29 @@ def test_train_help_lists_keys_defaults_and_methods(capsys):
     assert "epochs: 2" in capsys.readouterr().out
     assert main(["config", "list"]) == 0
     assert "small/mnist_cc-ibp.yaml" in capsys.readouterr().out
+
+
+def test_a_collapse_to_chance_accuracy_is_warned_about_and_a_learning_run_is_not(tmp_path, recwarn):
+    data = blobs(256, 0)
+    noise = TensorDataset(data.tensors[0], torch.randint(0, 4, (256,), generator=torch.Generator().manual_seed(5)))
+    with pytest.warns(loop.CollapseWarning, match="chance level .*4 classes.*ramp_epochs"):
+        certdist.fit(small_net(), DataLoader(noise, batch_size=64), method="pgd-at", epochs=2, out_dir=tmp_path,
+                     name="noise", **OPTS)
+    recwarn.clear()
+    torch.manual_seed(0)
+    certdist.fit(small_net(), DataLoader(data, batch_size=64, shuffle=True), method="pgd-at", epochs=2, out_dir=tmp_path,
+                 name="blobs", **OPTS)
+    assert not [w for w in recwarn if issubclass(w.category, loop.CollapseWarning)]
+
+
+def test_the_collapse_check_waits_for_the_warm_up_and_a_second_epoch_and_names_the_settings():
+    cfg = certdist.config.load_config(None, ["eps=0.3", "warmup_epochs=1", "ramp_epochs=0", "name=t", "epochs=5"])
+    low = lambda e: {"epoch": e, "train_acc": 0.098}  # noqa: E731
+    assert loop.collapse_message([low(1), low(2)], cfg, 10) is None  # epoch 1 is the warm-up
+    assert loop.collapse_message([low(2)], cfg, 10) is None  # one slow epoch
+    assert loop.collapse_message([low(2), {"epoch": 3, "train_acc": 0.16}], cfg, 10) is None  # above 1.5 / 10
+    assert loop.collapse_message([low(2), {"epoch": 3, "train_cert": 0.05}], cfg, 10) is None  # certified only
+    assert loop.collapse_message([low(2), {"epoch": 3, "train_acc": 0.05, "train_adv_acc": 0.5}], cfg, 10) is None
+    assert loop.collapse_message([low(5)], cfg, 10) is not None  # the final epoch
+    msg = loop.collapse_message([low(2), low(3)], cfg, 10)
+    assert "epoch 3" in msg and "9.8 %" in msg and "eps 0.3" in msg and "ramp_epochs, now 0" in msg
