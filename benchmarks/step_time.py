@@ -2,10 +2,16 @@
 
     python benchmarks/step_time.py                       # DM-small/MNIST and CNN7/CIFAR-10 shapes
     python benchmarks/step_time.py --nets dm_small --methods standard ibp cc-ibp --steps 20
+    python benchmarks/step_time.py --nets dm_small --methods standard ibp crown-ibp --threads 1 --kernels
 
 Random inputs of the dataset's shape (timing does not depend on the pixel values). The step is the
 real one: ``compute_loss`` of the training loop + backward + Adam, at the full training eps (after
 the ramp, so the regulariser is off) and, with --distill, a frozen teacher of the same architecture.
+
+``--kernels`` adds, from torch.profiler over 3 more steps, the time per step spent inside convolution
+and matrix-multiply kernels (forward and backward: their share of the profiled time times the median
+step time), and that time over the standard step's total: the floor that no elementwise fusion can go
+under without changing what is computed.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import copy
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from certdist.config import load_config
 from certdist.models import InputSpec, build_model
@@ -24,7 +31,21 @@ SHAPES = {"dm_small": (InputSpec(1, 28, 10, (0.1307,), (0.3081,)), 256, 0.1),
 METHODS = ["standard", "pgd-at", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp", "cc-dist"]
 
 
-def time_method(net: str, method: str, steps: int, warmup: int, batch: int | None, compile_: bool) -> float:
+GEMM_OPS = ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution_backward", "aten::mm", "aten::bmm",
+            "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::_slow_conv2d_forward",
+            "aten::_slow_conv2d_backward", "aten::slow_conv_transpose2d", "aten::cudnn_convolution")
+
+
+def gemm_share(prof) -> float:
+    """The share of the profiled CPU time spent in convolution / matrix-multiply ops (self times, so nested
+    calls count once). Scaled by the unprofiled step time, it gives their time without profiler overhead."""
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / max(total, 1e-9)
+
+
+def time_method(net: str, method: str, steps: int, warmup: int, batch: int | None, compile_: bool,
+                kernels: bool = False) -> float | tuple[float, float]:
     spec, default_batch, eps = SHAPES[net]
     b = batch or default_batch
     torch.manual_seed(0)
@@ -65,7 +86,18 @@ def time_method(net: str, method: str, steps: int, warmup: int, batch: int | Non
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 2]
+    median = times[len(times) // 2]
+    if not kernels:
+        return median
+    reps = 3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(reps):
+            idx = torch.arange(b) + (i % max(warmup, 1)) * b
+            loss, _ = compute_loss(cfg, model, x, y, ctx, teacher, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return median, median * gemm_share(prof)
 
 
 def main() -> None:
@@ -77,21 +109,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--kernels", action="store_true",
+                    help="also the time per step inside convolution / matmul kernels (torch.profiler)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.steps} steps")
-    print("| net | batch | method | step ms | / standard | / cc-ibp |")
-    print("|---|---|---|---|---|---|")
+    extra = " conv+matmul ms | conv+matmul / standard |" if args.kernels else ""
+    print("| net | batch | method | step ms | / standard | / cc-ibp |" + extra)
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.kernels else ""))
     for net in args.nets:
         base = {}
         methods = args.methods if "standard" in args.methods else ["standard", *args.methods]
         for m in methods:
-            t = time_method(net, m, args.steps, args.warmup, args.batch, compile_=False)
+            t = time_method(net, m, args.steps, args.warmup, args.batch, compile_=False, kernels=args.kernels)
+            t, k = t if args.kernels else (t, None)
             base[m] = t
             ratio_cc = f"{t / base['cc-ibp']:.2f}" if "cc-ibp" in base else "-"
+            cols = f" {1000 * k:.1f} | {k / base['standard']:.2f} |" if k is not None else ""
             print(f"| {net} | {args.batch or SHAPES[net][1]} | {m} | {1000 * t:.1f} | {t / base['standard']:.2f} | "
-                  f"{ratio_cc} |", flush=True)
+                  f"{ratio_cc} |{cols}", flush=True)
 
 
 if __name__ == "__main__":
