@@ -194,11 +194,14 @@ def _box64(threat: ThreatModel, x: torch.Tensor) -> Interval:
     return Interval(box.lower.to(torch.float64), box.upper.to(torch.float64))
 
 
-def tolerance(net64: nn.Module, box64: Interval, C: torch.Tensor) -> torch.Tensor:
+def tolerance(net64: nn.Module, box64: Interval, C: torch.Tensor,
+              relu_bounds: list[Interval | None] | None = None) -> torch.Tensor:
     """Per-row float32 tolerance [B, S] of the margins ``C`` [B, S, K] over the box: a row is proved
     only when its lower bound exceeds it (:func:`certdist.verification.rounding.proved`). It covers
-    float32 evaluation at every point :func:`validate_counterexample` accepts (box tolerance ``CEX_TOL``)."""
-    return margin_tolerance(fp32_error_bound(net64, box64, input_slack=CEX_TOL), C)
+    float32 evaluation at every point :func:`validate_counterexample` accepts (box tolerance ``CEX_TOL``).
+    ``relu_bounds``: sound pre-activation bounds over ``box64`` (CROWN's), which tighten the activation
+    ranges the error recursion starts from."""
+    return margin_tolerance(fp32_error_bound(net64, box64, input_slack=CEX_TOL, relu_bounds=relu_bounds), C)
 
 
 def ibp_proved(net64: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, num_classes: int
@@ -304,20 +307,22 @@ def _late_attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: _Poin
 
 
 def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
-                  ) -> tuple[str | None, torch.Tensor, list[Interval] | None]:
+                  ) -> tuple[str | None, torch.Tensor, list[Interval] | None, torch.Tensor]:
     """IBP, CROWN, alpha-CROWN in float64 in turn on ``box`` (a :class:`_FixedBox`); returns (proving
     stage or None, best lower bound per row [S], the CROWN stage's pre-activation bounds per ReLU or
-    None when it did not run). A stage proves the point when every row is proved."""
+    None when it did not run, the float32 tolerance per row [S]). A stage proves the point when every row
+    is proved. ``tol`` (from IBP's activation ranges) is tightened with CROWN's once the CROWN stage ran:
+    both are sound, so is their minimum."""
     with torch.no_grad():
         best = _finite_or_minus_inf(ibp(net64, x64, box, C=C).lower[0])
     p.margins["ibp"] = float(best.min())
     if proved(best, tol).all():
-        return "ibp", best, None
+        return "ibp", best, None, tol
     pre = None
     for stage in ("crown", "alpha-crown"):
         if p.left() <= 0:
             p.message = f"timeout after {p.stage}"
-            return None, best, pre
+            return None, best, pre, tol
         fn, err = (_crown, _CROWN_ERROR) if stage == "crown" else (_alpha_crown, _ALPHA_ERROR)
         if fn is None or (stage == "alpha-crown" and cfg.alpha_iterations == 0):
             p.message = (p.message + "; " if p.message else "") + (err or "alpha-CROWN disabled")
@@ -326,6 +331,7 @@ def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
         with torch.no_grad():
             if stage == "crown":
                 out, pre = fn(net64, x64, box, C=C, intermediate="crown", bound_upper=False, return_intermediate=True)
+                tol = torch.minimum(tol, tolerance(net64, box.fixed, C, relu_bounds=pre)[0])
             else:
                 out = fn(net64, x64, box, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
                          intermediate="crown", intermediate_bounds=pre, bound_upper=False)
@@ -333,8 +339,8 @@ def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
         p.margins[stage] = float(low.min())
         best = torch.maximum(best, low)
         if proved(best, tol).all():
-            return stage, best, pre
-    return None, best, pre
+            return stage, best, pre, tol
+    return None, best, pre, tol
 
 
 def _finite_or_minus_inf(bound: torch.Tensor) -> torch.Tensor:
@@ -443,8 +449,8 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     box64 = _box64(threat, x)
     C = margin_matrix(y_t, _num_classes(model, x)).to(torch.float64)
     tol = tolerance(v.net64, box64, C)[0]
+    proved_by, best, pre, tol = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
     fp = {"fp32_tol": _finite(float(tol.max()))}
-    proved_by, best, pre = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
     if proved_by is not None:
         return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
     cex = _late_attack(model, x, y_t, threat, cfg, index, p)
@@ -572,8 +578,9 @@ def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
 
 # Bump on every change of the bound code or of the stages' policy that can change a verdict (a rule, a
 # tolerance, a stage added or reordered): resuming a file of another version then refuses instead of
-# mixing old and new verdicts. 2026.11.2: APGD stage, chain-BaB warm starts (stop 15); .3: versioned.
-VERIFIER_VERSION = "2026.11.3"
+# mixing old and new verdicts. 2026.11.2: APGD stage, chain-BaB warm starts (stop 15); .3: versioned;
+# .4: float32 tolerance from CROWN's activation ranges once the CROWN stage ran.
+VERIFIER_VERSION = "2026.11.4"
 FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings", "verifier")
 
 

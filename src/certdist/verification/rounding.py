@@ -97,15 +97,46 @@ def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
 
 
-def fp32_error_bound(model: nn.Module, box: Interval, input_slack: float = 0.0) -> torch.Tensor:
+def exact_ranges(layers: list[nn.Module], box: Interval, relu_bounds: list[Interval | None] | None = None
+                 ) -> list[Interval]:
+    """The interval of every layer's exact output over ``box``: IBP, and with ``relu_bounds`` (sound
+    pre-activation bounds over the same box, one per ReLU in forward order, e.g. CROWN's) each ReLU's
+    input is intersected with its given bounds and IBP continues from the intersection. An empty
+    intersection (rounding of two tight enclosures) keeps the IBP interval there."""
+    if relu_bounds is None:
+        return propagate(layers, box, return_all=True)[1]
+    inter: list[Interval] = []
+    given = iter(relu_bounds)
+    cur = box
+    for m in layers:
+        if isinstance(m, nn.ReLU):
+            g = next(given, None)
+            if g is not None:
+                lo = torch.maximum(cur.lower, g.lower.reshape(cur.lower.shape).to(cur.lower.dtype))
+                hi = torch.minimum(cur.upper, g.upper.reshape(cur.upper.shape).to(cur.upper.dtype))
+                ok = lo <= hi  # False also where either side is NaN: then IBP's own interval is kept
+                cur = Interval(torch.where(ok, lo, cur.lower), torch.where(ok, hi, cur.upper))
+                if inter:
+                    inter[-1] = cur
+        cur = propagate([m], cur)
+        inter.append(cur)
+    return inter
+
+
+def fp32_error_bound(model: nn.Module, box: Interval, input_slack: float = 0.0,
+                     relu_bounds: list[Interval | None] | None = None) -> torch.Tensor:
     """Per-logit bound ``e`` [B, K] of ``|float32 model(x') - exact model(x)|`` over all ``x`` in ``box``
     ([B, *input shape], ideally float64; ``model`` in eval mode, of the box's dtype) and all float32
     ``x'`` with ``|x' - x| <= input_slack`` (the box tolerance of a counterexample check: the slack
     enters the recursion as an input error). Infinite or NaN when the box or the network is (then
-    nothing can be proved)."""
+    nothing can be proved).
+
+    The recursion needs the exact activations' ranges over the box: IBP's, or tighter ones through
+    ``relu_bounds`` (see :func:`exact_ranges`): fewer ReLUs whose error survives and smaller
+    magnitudes. Any sound enclosure keeps the bound sound."""
     layers = layers_of(model)
     with torch.no_grad():
-        _, inter = propagate(layers, box, return_all=True)
+        inter = exact_ranges(layers, box, relu_bounds)
         e = torch.full_like(box.lower, float(input_slack))
         for m, inp in zip(layers, [box, *inter[:-1]]):
             e = _layer_error(m, inp, e)
