@@ -45,7 +45,8 @@ def gemm_share(prof) -> float:
 
 
 def time_method(net: str, method: str, steps: int, warmup: int, batch: int | None, compile_: bool,
-                kernels: bool = False) -> float | tuple[float, float]:
+                kernels: bool = False) -> tuple[float, float | None]:
+    """(median step time, with ``kernels`` the part of it inside convolution / matmul kernels, else None)."""
     spec, default_batch, eps = SHAPES[net]
     b = batch or default_batch
     torch.manual_seed(0)
@@ -88,7 +89,7 @@ def time_method(net: str, method: str, steps: int, warmup: int, batch: int | Non
     times.sort()
     median = times[len(times) // 2]
     if not kernels:
-        return median
+        return median, None
     reps = 3
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(reps):
@@ -122,8 +123,7 @@ def main() -> None:
         base = {}
         methods = args.methods if "standard" in args.methods else ["standard", *args.methods]
         for m in methods:
-            t = time_method(net, m, args.steps, args.warmup, args.batch, compile_=False, kernels=args.kernels)
-            t, k = t if args.kernels else (t, None)
+            t, k = time_method(net, m, args.steps, args.warmup, args.batch, compile_=False, kernels=args.kernels)
             base[m] = t
             ratio_cc = f"{t / base['cc-ibp']:.2f}" if "cc-ibp" in base else "-"
             cols = f" {1000 * k:.1f} | {k / base['standard']:.2f} |" if k is not None else ""
