@@ -217,9 +217,11 @@ def prepare_run_dir(cfg: RunConfig, dd: Dist, resume: bool, overwrite: bool) -> 
     return run_dir
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
+          on_epoch: Callable[[dict], None] | None = None) -> Path:
     """Train (or resume) the run described by ``cfg`` (dataset and model from the config); returns the
-    run folder. :func:`certdist.fit` runs the same loop on a given model and DataLoader."""
+    run folder. :func:`certdist.fit` runs the same loop on a given model and DataLoader. ``on_epoch(row)``:
+    called with each epoch's metrics row once its checkpoint is saved (rank 0; ``certdist tune`` prunes there)."""
     check_runtime(cfg)
     dd = setup_distributed(cfg.device)
     run_dir = prepare_run_dir(cfg, dd, resume, overwrite)
@@ -242,14 +244,15 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
              lambda epoch: _batch_iter(train_data, cfg, epoch, augment, device, dd), steps_per_epoch,
              (test_data.images, test_data.labels), to_dict(cfg),
              {"split": cfg.eval.split, "dataset": cfg.data.dataset, "arch": cfg.model.arch, "teacher": cfg.distill.teacher},
-             device, dd, resume)
+             device, dd, resume, on_epoch)
     return run_dir
 
 
 def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Module, teacher: Teacher | None,
              batches: Callable[[int], Iterable], steps_per_epoch: int,
              test: tuple[torch.Tensor, torch.Tensor] | None, cfg_record: dict, info: dict,
-             device: torch.device, dd: Dist = Dist(), resume: bool = False) -> dict | None:
+             device: torch.device, dd: Dist = Dist(), resume: bool = False,
+             on_epoch: Callable[[dict], None] | None = None) -> dict | None:
     """The epochs of one run, shared by ``certdist train`` and :func:`certdist.fit`: schedules, the
     per-batch objective, checkpoints (``last.pt`` after every epoch; resume), metrics, and the final
     evaluation into ``results.json`` (returned; None on ranks other than 0).
@@ -326,6 +329,8 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
             if collapsed:
                 warnings.warn(collapsed, CollapseWarning, stacklevel=2)
             _save(last, cfg_record, model, module, opt, teacher, epoch, logger.rows, finished=False)
+            if on_epoch is not None:
+                on_epoch(row)
         dd.barrier()
 
     if not dd.is_main:
