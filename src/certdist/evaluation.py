@@ -17,11 +17,31 @@ from certdist.attacks.apgd import apgd_ensemble
 from certdist.attacks.pgd import pgd
 from certdist.models.cnn import as_certifiable, check_float32
 from certdist.propagation.ibp import exact_fp32
+from certdist.specs import check_labels
 from certdist.threats import ThreatModel
 from certdist.verification.certify import ibp_proved
 
 
 ATTACKS = ("pgd", "apgd", "autoattack")
+
+
+def check_device(device: str | torch.device, what: str = "evaluate", supported: tuple[str, ...] = ("cpu", "cuda")
+                 ) -> torch.device:
+    """``device`` as a :class:`torch.device`, checked up front: ValueError when it is not one of
+    ``supported`` (device types) or is a CUDA device that this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what}: unknown device {device!r} (use 'cpu' or 'cuda')") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what}: CUDA is not available; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what}: no CUDA device {dev.index} (this machine has {torch.cuda.device_count()}); "
+                             "use device='cuda' or 'cpu'")
+    if dev.type not in supported:
+        raise ValueError(f"{what}: device {str(dev)!r} is not supported; use " + " or ".join(map(repr, supported)))
+    return dev
 
 
 def attack_description(attack_name: str, steps: int, restarts: int, step_size: float) -> str:
@@ -36,7 +56,7 @@ def attack_description(attack_name: str, steps: int, restarts: int, step_size: f
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
              pgd_steps: int = 40, pgd_restarts: int = 1, pgd_step_size: float = 0.035, batch_size: int = 500,
-             device: str | torch.device = "cpu", progress: bool = True, attack: bool = True,
+             device: str | torch.device = "cpu", progress: bool | None = None, attack: bool = True,
              attack_name: str = "pgd") -> dict:
     """Accuracies (in %) of the eval-mode network; ``images`` uint8 [N,C,H,W] or float in [0, 1].
 
@@ -48,30 +68,39 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
     only if it is correctly classified and IBP proves every margin as the certify pipeline does
     (float64 bounds over the float32 box, each above its float32 rounding tolerance). ``robust_acc`` is the
     accuracy under the attack named by ``attack`` / ``attack_desc`` (``pgd_acc`` too when it is PGD).
+    ``labels``: integer class indices [N] (ValueError otherwise). ``device``: ``"cpu"`` or ``"cuda"``
+    (ValueError when CUDA is not available); a model elsewhere is evaluated as a copy on ``device``, the
+    caller's model is not moved. ``progress``: a progress bar; None (default) shows it only when stderr is
+    a terminal.
     """
+    dev = check_device(device)
     if attack_name not in ATTACKS:
         raise ValueError(f"unknown attack {attack_name!r}; known: {', '.join(ATTACKS)}")
     if images.dtype != torch.uint8 and images.numel() and (images.min() < threat.data_min or images.max() > threat.data_max):
         raise ValueError(f"images must be uint8 or floats in [{threat.data_min}, {threat.data_max}], got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    net = as_certifiable(model)
+    check_labels(labels, net.num_classes, n=images.shape[0], where="evaluate: labels")
     n = labels.shape[0]
     if n == 0:
         raise ValueError("evaluate: no test points (limit 0 or an empty split)")
     run_attack = attack and threat.eps > 0
     desc = attack_description(attack_name, pgd_steps, pgd_restarts, pgd_step_size) if run_attack else "none"
-    net = as_certifiable(model)
     check_float32(net, "evaluate")
+    if any(t.device != dev for t in [*net.parameters(), *net.buffers()]):
+        net = copy.deepcopy(net).to(dev)  # the caller's model stays where it is
     was_training = net.training
     net.eval()
     net64 = copy.deepcopy(net).double()
     clean = adv = cert = 0
     t0 = time.time()
-    bar = tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False)
+    bar = tqdm(range(0, n, batch_size), desc="evaluate", disable=None if progress is None else not progress,
+               leave=False)
     try:
         for s in bar:
-            x = images[s:s + batch_size].to(device)
+            x = images[s:s + batch_size].to(dev)
             x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            y = labels[s:s + batch_size].to(device)
+            y = labels[s:s + batch_size].to(dev)
             with torch.inference_mode(), exact_fp32():
                 ok = net(x).argmax(1) == y
                 cert_ok = ok & ibp_proved(net64, x, y, threat, net.num_classes)[2]
