@@ -28,11 +28,15 @@ def _load_checkpoint_and_test(args: argparse.Namespace, limit: int | None = None
     from certdist.training.checkpoint import model_from_checkpoint
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise SystemExit(f"error: --limit must be >= 1 (leave it out for the whole test set), got {args.limit}")
-    model, payload = model_from_checkpoint(args.checkpoint)
+    model, payload = model_from_checkpoint(args.checkpoint)  # registry models and fit()'s described networks
     cfg = payload.get("config", {})
-    dataset, eps = _dataset_and_eps(args, cfg)
-    _check_fits(model, dataset)
-    return model, cfg, dataset, eps, D.load(dataset, "test", data_dir=args.data_dir, limit=limit)
+    dataset, eps = _dataset_and_eps(args, cfg, payload)
+    if model.input_spec is not None:
+        _check_fits(model, dataset)
+    test = D.load(dataset, "test", data_dir=args.data_dir, limit=limit)
+    if model.input_spec is None:
+        _check_fits(model, dataset, test.images)
+    return model, cfg, dataset, eps, test
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -58,22 +62,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset_and_eps(args: argparse.Namespace, cfg: dict) -> tuple[str, float]:
-    dataset = args.dataset or cfg.get("data", {}).get("dataset")
+def _dataset_and_eps(args: argparse.Namespace, cfg: dict, payload: dict | None = None) -> tuple[str, float]:
+    dataset = args.dataset or (cfg.get("data") or {}).get("dataset")
     eps = args.eps if args.eps is not None else cfg.get("eps")
-    if dataset is None or eps is None:
-        raise SystemExit("error: the checkpoint names no dataset or eps; pass --dataset and --eps")
+    missing = [flag for flag, v in (("--dataset", dataset), ("--eps", eps)) if v is None]
+    if missing:
+        from certdist.data.registry import DATASETS
+        trained_on = ((payload or {}).get("results") or {}).get("dataset")
+        why = (" (trained with certdist.fit" + (f" on a {trained_on}" if trained_on else "") + ")"
+               if "data" not in cfg else "")
+        hint = f"; --dataset is one of {', '.join(sorted(DATASETS))}" if dataset is None else ""
+        raise SystemExit(f"error: the checkpoint names no {' or '.join(m[2:] for m in missing)}{why}: pass "
+                         f"{' and '.join(missing)}{hint}")
     return dataset, float(eps)
 
 
-def _check_fits(model, dataset: str) -> None:
-    """The dataset's images must have the shape and classes the model was trained on."""
+def _check_fits(model, dataset: str, sample=None) -> None:
+    """The dataset's images must have the shape and classes the model was trained on (a network without an
+    input spec, from certdist.fit, is tried on one image of ``sample``)."""
     from certdist import data as D
     info, spec = D.dataset_info(dataset), model.input_spec
+    shape = f"{info.channels}x{info.size}x{info.size} images and {info.num_classes} classes"
+    if spec is None:
+        import torch
+        try:
+            with torch.no_grad():
+                out = model(sample[:1].float() / 255 if sample.dtype == torch.uint8 else sample[:1].float())
+        except RuntimeError as e:
+            raise SystemExit(f"error: dataset {dataset!r} has {shape}; the model does not take these images: "
+                             f"{str(e).splitlines()[0]}") from None
+        if out.shape[-1] != info.num_classes:
+            raise SystemExit(f"error: dataset {dataset!r} has {shape}; the model has {out.shape[-1]} outputs")
+        return
     if (info.channels, info.size, info.num_classes) != (spec.channels, spec.size, spec.num_classes):
-        raise SystemExit(f"error: dataset {dataset!r} has {info.channels}x{info.size}x{info.size} images and "
-                         f"{info.num_classes} classes; the model expects {spec.channels}x{spec.size}x{spec.size} "
-                         f"and {spec.num_classes}")
+        raise SystemExit(f"error: dataset {dataset!r} has {shape}; the model expects "
+                         f"{spec.channels}x{spec.size}x{spec.size} and {spec.num_classes}")
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:

@@ -8,13 +8,15 @@ import os
 import platform
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import certdist
-from certdist.models import CertifiableNet, InputSpec, build_model
+from certdist.models import MODELS, CertifiableNet, InputSpec, as_certifiable, build_model
+from certdist.models.describe import DescriptionError, build_from_description, describe
 
 
 class CheckpointError(Exception):
@@ -61,13 +63,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_meta(model: CertifiableNet) -> dict[str, Any]:
-    """The architecture and input spec; ``input_spec`` is None for a user's own network (``fit``), whose
-    weights are then loaded back with :func:`load_weights` into the same ``nn.Module``."""
+def model_meta(model: CertifiableNet, module: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The architecture and input spec of ``model``, and, for a network not built by name from the model
+    registry (a user's own, trained with ``fit``), the declarative ``description`` of ``module`` (the module
+    whose state dict is saved; default ``model``) from which :func:`load_model` rebuilds it. A module that
+    cannot be described gets ``description: None`` and the reason in ``description_error``."""
     spec = getattr(model, "input_spec", None)
-    return {"arch": getattr(model, "arch", type(model).__name__),
-            "input_spec": None if spec is None else {k: (list(v) if isinstance(v, tuple) else v)
-                                                     for k, v in spec.__dict__.items()}}
+    arch = getattr(model, "arch", type(model).__name__)
+    meta: dict[str, Any] = {"arch": arch, "input_spec": None if spec is None else
+                            {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.__dict__.items()}}
+    if spec is None or arch not in MODELS:
+        try:
+            meta["description"] = describe(model if module is None else module)
+        except DescriptionError as e:
+            meta["description"], meta["description_error"] = None, str(e)
+    return meta
+
+
+def warn_if_not_describable(module: torch.nn.Module) -> None:
+    """Warn (before training starts) when ``module`` cannot be described: its checkpoints will then hold
+    the weights only, and ``certdist evaluate / certify / export`` and ``fit(teacher=path)`` will refuse them."""
+    try:
+        describe(module)
+    except DescriptionError as e:
+        warnings.warn(f"{e}. The checkpoints of this run will hold the weights only: `certdist evaluate / certify / "
+                      "export --checkpoint` and fit(teacher=path) cannot rebuild the network from them",
+                      stacklevel=3)
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -104,24 +125,48 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def model_from_checkpoint(path: str | os.PathLike, expect_arch: str | None = None,
                           expect_spec: InputSpec | None = None) -> tuple[CertifiableNet, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained with, load its weights, return it in eval mode."""
+    """Rebuild the model a checkpoint was trained with, load its weights, return it in eval mode with the
+    checkpoint's payload: a registry model by its name and input spec, any other (a user's own network
+    trained with ``certdist.fit``) from the architecture description saved with it (see
+    :mod:`certdist.models.describe`). A model without an input spec is a :class:`CertifiableNet` view
+    (``arch`` ``"sequential"`` for an ``nn.Sequential``, ``input_spec`` None)."""
     payload = load_checkpoint(path)
     meta = payload["model_meta"]
-    if meta.get("input_spec") is None:
-        raise CheckpointError(f"{path} holds the weights of a user-defined {meta.get('arch')!r} network (trained "
-                              "with certdist.fit): build the same nn.Module and load them with "
-                              "certdist.training.checkpoint.load_weights(model, load_checkpoint(path)['model'])")
-    spec = InputSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["input_spec"].items()})
+    spec = None if meta.get("input_spec") is None else InputSpec(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["input_spec"].items()})
     if expect_arch is not None and meta["arch"] != expect_arch:
         raise CheckpointError(f"{path} holds a {meta['arch']!r} model, expected {expect_arch!r}")
     if expect_spec is not None and spec != expect_spec:
         raise CheckpointError(f"{path} was trained on inputs {spec}, expected {expect_spec}")
+    if spec is not None and meta["arch"] in MODELS:
+        try:
+            module: torch.nn.Module = build_model(meta["arch"], spec, init="default")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    elif meta.get("description") is not None:
+        try:
+            module = build_from_description(meta["description"])
+        except DescriptionError as e:
+            raise CheckpointError(f"{path}: cannot rebuild the network from its architecture description: {e}") from e
+    else:
+        why = meta.get("description_error") or ("it was written by an older certdist that saved no architecture "
+                                                "description")
+        raise CheckpointError(f"{path} holds only the weights of a user-defined {meta.get('arch')!r} network: {why}. "
+                              "Build the same nn.Module and load them with certdist.training.checkpoint.load_weights("
+                              "model, load_checkpoint(path)['model'])")
+    load_weights(module, payload["model"], source=str(path))
     try:
-        model = build_model(meta["arch"], spec, init="default")
-    except ValueError as e:
+        model = as_certifiable(module)
+    except TypeError as e:
         raise CheckpointError(f"{path}: {e}") from e
-    load_weights(model, payload["model"], source=str(path))
+    module.eval()
     return model.eval(), payload
+
+
+def load_model(path: str | os.PathLike) -> CertifiableNet:
+    """The eval-mode network of any certdist checkpoint (``certdist train`` or ``certdist.fit``), weights loaded:
+    the one loader behind ``certdist evaluate / certify / export --checkpoint`` and ``fit(teacher=path)``."""
+    return model_from_checkpoint(path)[0]
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:

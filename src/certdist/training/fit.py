@@ -112,6 +112,7 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     check_runtime(cfg)
     net = as_certifiable(model)  # the model's errors before a run folder is made
     check_float32(net, "fit")
+    ckpt.warn_if_not_describable(model)  # the checkpoint saves the architecture's description with the weights
     dd = Dist()
     run_dir = prepare_run_dir(cfg, dd, resume, overwrite)
     if cfg.num_threads:

@@ -82,7 +82,7 @@ def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, 
     t_data = payload.get("config", {}).get("data", {}).get("dataset")
     if t_data is not None and t_data != cfg.data.dataset:
         raise TrainingError(f"teacher {path} was trained on {t_data!r}, the student on {cfg.data.dataset!r}")
-    if model.input_spec != student.input_spec:
+    if model.input_spec is not None and model.input_spec != student.input_spec:  # None: a fit() network
         raise TrainingError(f"teacher {path} expects inputs {model.input_spec}, the student {student.input_spec}")
     batches = _indexed_batches(train_data, cfg.eval.batch_size, device) if train_data is not None else None
     return make_teacher(cfg, model, student, device, n_train, cache_ok, batches)
@@ -397,7 +397,7 @@ def _quick_eval(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, th
 
 def _save(path: Path, cfg_record: dict, model, module, opt, teacher, epoch: int, rows: list, finished: bool) -> None:
     payload = {
-        "model": module.state_dict(), "model_meta": ckpt.model_meta(model), "optimizer": opt.state_dict(),
+        "model": module.state_dict(), "model_meta": ckpt.model_meta(model, module), "optimizer": opt.state_dict(),
         "config": cfg_record, "epoch": epoch, "rng": ckpt.rng_state(), "metrics": rows,
         "versions": ckpt.versions(), "finished": finished,
     }
