@@ -118,8 +118,17 @@ def _dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 @register(nn.Linear)
+def _linear_bias(A: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``sum(A * bias)`` over every non-(b, s) dimension: [b, s]. On an input with more than one
+    per-sample dimension ([N, C, H, W], [N, L, D]) ``nn.Linear`` acts on the last one and adds its bias
+    at every leading position, so the bias term sums over those positions too."""
+    if A.dim() > 3:
+        A = A.flatten(2, -2).sum(2)  # [b, s, out]: the coefficients summed over the positions
+    return A @ bias
+
+
 def _linear(m: nn.Linear, lin: LinearBounds, ctx: LayerContext) -> LinearBounds:
-    bias = None if m.bias is None else (lambda A: A @ m.bias)
+    bias = None if m.bias is None else (lambda A: _linear_bias(A, m.bias))
     return _affine_rule(lin, lambda A: A @ m.weight, bias)
 
 
