@@ -77,9 +77,10 @@ def certify(model: nn.Module, loader: Iterable, eps: float | str | ThreatModel, 
     bar (None: only when stderr is a terminal). ``device``: ``"cpu"`` only for now: the verification
     (float64 bounds, then the MILP / branch-and-bound stages, which hand CPU tensors to NumPy and HiGHS)
     runs on the CPU; ``"cuda"`` is refused with a ValueError, as is a CUDA device this machine lacks."""
+    from certdist.evaluation import CERTIFY_CPU_ONLY
     from certdist.models import as_certifiable
     from certdist.verification.certify import certify_dataset, read_records
-    check_device(device, "certify", supported=("cpu",))
+    check_device(device, "certify", supported=("cpu",), reason=CERTIFY_CPU_ONLY)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (or None for all points), got {limit}")
     num_classes = as_certifiable(model).num_classes

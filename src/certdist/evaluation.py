@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from certdist.attacks.apgd import apgd_ensemble
 from certdist.attacks.pgd import pgd
 from certdist.models.cnn import as_certifiable, check_float32
+from certdist.models.support import check_supported
 from certdist.propagation.ibp import exact_fp32
 from certdist.specs import check_labels
 from certdist.threats import ThreatModel
@@ -25,10 +26,15 @@ from certdist.verification.certify import ibp_proved
 ATTACKS = ("pgd", "apgd", "autoattack")
 
 
-def check_device(device: str | torch.device, what: str = "evaluate", supported: tuple[str, ...] = ("cpu", "cuda")
-                 ) -> torch.device:
+CERTIFY_CPU_ONLY = ("certify runs on the CPU only for now (its MILP and branch-and-bound stages hand CPU tensors "
+                    "to NumPy and HiGHS)")
+
+
+def check_device(device: str | torch.device, what: str = "evaluate", supported: tuple[str, ...] = ("cpu", "cuda"),
+                 reason: str = "") -> torch.device:
     """``device`` as a :class:`torch.device`, checked up front: ValueError when it is not one of
-    ``supported`` (device types) or is a CUDA device that this machine does not have."""
+    ``supported`` (device types; ``reason`` says why in the message) or is a CUDA device that this machine
+    does not have."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -40,7 +46,8 @@ def check_device(device: str | torch.device, what: str = "evaluate", supported: 
             raise ValueError(f"{what}: no CUDA device {dev.index} (this machine has {torch.cuda.device_count()}); "
                              "use device='cuda' or 'cpu'")
     if dev.type not in supported:
-        raise ValueError(f"{what}: device {str(dev)!r} is not supported; use " + " or ".join(map(repr, supported)))
+        raise ValueError(f"{what}: device {str(dev)!r} is not supported" + (f": {reason}" if reason else "")
+                         + "; use " + " or ".join(map(repr, supported)))
     return dev
 
 
@@ -79,6 +86,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threa
     if images.dtype != torch.uint8 and images.numel() and (images.min() < threat.data_min or images.max() > threat.data_max):
         raise ValueError(f"images must be uint8 or floats in [{threat.data_min}, {threat.data_max}], got values in "
                          f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
+    check_supported(model, tuple(images.shape[1:]))  # the layer-support contract, before any work
     net = as_certifiable(model)
     check_labels(labels, net.num_classes, n=images.shape[0], where="evaluate: labels")
     n = labels.shape[0]
