@@ -29,6 +29,7 @@ _LAZY = {
     "certify_dataset": "certdist.verification", "format_summary": "certdist.verification",
     "export_onnx": "certdist.verification", "export_benchmark": "certdist.verification",
     "as_certifiable": "certdist.models", "Normalize": "certdist.models", "build_model": "certdist.models",
+    "tune": "certdist.tune",  # hyper-parameter search on the validation split (needs optuna)
 }
 
 __all__ = ["ThreatModel", "Interval", "LinearBounds", "__version__", *sorted(_LAZY)]

@@ -232,6 +232,27 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from certdist.tune import KINDS, parse_space, tune
+    config = args.config if args.config is None or "=" not in args.config else None
+    items = ([args.config] if config is None and args.config else []) + args.items
+    is_space = lambda item: item.partition("=")[2].strip().partition(":")[0] in KINDS  # noqa: E731
+    bad = [s for s in args.space if "=" in s and not is_space(s)]
+    if bad:
+        raise SystemExit(f"error: --space {bad[0]!r}: expected key=kind:... with kind one of {', '.join(KINDS)}")
+    space = ([p.spec() for p in parse_space(args.space_file)] if args.space_file else []) + list(args.space)
+    space += [s for s in items if "=" in s and is_space(s)]
+    overrides = [s for s in items if "=" in s and not is_space(s)]
+    if any("=" not in s for s in items):
+        raise SystemExit(f"error: one config file, then key=value / key=kind:... items; got {items}")
+    tune(config, space, trials=args.trials, out=args.out, overrides=overrides, objectives=args.objective,
+         workers=args.workers, sampler=args.sampler, seed=args.seed, prune=not args.no_prune,
+         prune_after=args.prune_after, validation=args.validation, storage=args.storage, study_name=args.study_name,
+         certify_front=args.certify_front, certify_timeout=args.certify_timeout, certify_limit=args.certify_limit,
+         report=not args.no_report)
+    return 0
+
+
 def _print_results(rows: list[dict]) -> None:
     from certdist.reporting import format_table
     print(format_table(rows, group=False))
@@ -367,6 +388,38 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--collect", action="store_true", help="start nothing: write the table from the finished "
                     "runs and certifications (labelled partial if some are missing)")
     rp.set_defaults(fn=_cmd_reproduce)
+
+    tu = sub.add_parser("tune", help="hyper-parameter search on the validation split (Optuna; Pareto front of "
+                        "clean vs IBP-certified accuracy; resumable study in <out>/study.db)",
+                        epilog="space specs: uniform:LOW:HIGH[:STEP], loguniform:LOW:HIGH, int:LOW:HIGH[:STEP], "
+                        "logint:LOW:HIGH, choice:A,B,C (choice:[[8, 9], [6]] for lists); e.g. certdist tune "
+                        "small/mnist_cc-ibp.yaml --trials 20 --space alpha=loguniform:0.01:0.5 "
+                        "lr=loguniform:1e-4:1e-3 distill.beta=choice:0.05,0.1,0.5")
+    tu.add_argument("config", nargs="?", help="YAML config file (as for train)")
+    tu.add_argument("items", nargs="*", help="key=value fixed overrides and key=kind:... searched keys")
+    tu.add_argument("--space", nargs="+", default=[], help="searched keys: key=kind:... (see below)")
+    tu.add_argument("--space-file", help="YAML search space: key: spec, a list of choices, or {type, low, high}")
+    tu.add_argument("--trials", type=int, default=20, help="new trials to run (added to a resumed study)")
+    tu.add_argument("--objective", nargs="+", default=["clean", "certified"], choices=["clean", "certified", "robust"],
+                    help="validation accuracies to maximise (default: clean certified, a Pareto front)")
+    tu.add_argument("--out", default="runs/tune", help="study folder: study.db, trials/, report files")
+    tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/study.db); share it to run "
+                    "several tune processes on one study")
+    tu.add_argument("--study-name", default="tune")
+    tu.add_argument("--workers", type=int, default=1, help="processes running trials on the shared study")
+    tu.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    tu.add_argument("--seed", type=int, default=0, help="sampler seed")
+    tu.add_argument("--validation", type=int, help="held-out tail of the training set (default: the config's "
+                    "data.validation, else a tenth of the training set, at most 5000)")
+    tu.add_argument("--prune-after", type=int, help="first epoch at which a trial may be pruned (default: after "
+                    "the warm-up and eps ramp)")
+    tu.add_argument("--no-prune", action="store_true")
+    tu.add_argument("--certify-front", action="store_true", help="run the full verification pipeline on the "
+                    "Pareto-optimal trials (validation points)")
+    tu.add_argument("--certify-timeout", type=float, default=10.0, help="seconds per point")
+    tu.add_argument("--certify-limit", type=int, default=100, help="validation points per trial")
+    tu.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
+    tu.set_defaults(fn=_cmd_tune)
     return p
 
 
@@ -375,6 +428,7 @@ _INTERRUPT_HINT = {
     "sweep": "rerun the same sweep: finished runs are skipped, interrupted ones resumed",
     "certify": "rerun the same command: the points already in the results file are kept and skipped",
     "demo": "rerun the demo to start again",
+    "tune": "rerun the same command: the study resumes from <out>/study.db (an interrupted trial stays RUNNING there)",
 }
 
 
