@@ -97,10 +97,11 @@ def test_cuda_without_cuda_is_a_clear_error(setup):
         certdist.certify(net, (x, y), 0.01, device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_certify_refuses_cuda_with_a_reason(setup):
+def test_certify_refuses_cuda_with_a_reason(setup, monkeypatch):
     net, x, y = setup
-    with pytest.raises(ValueError, match="certify: device 'cuda' is not supported; use 'cpu'"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="certify: device 'cuda' is not supported: certify runs on the CPU only"):
         certdist.certify(net, (x, y), 0.01, device="cuda")
 
 
