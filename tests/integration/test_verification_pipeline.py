@@ -66,7 +66,7 @@ def test_pipeline_verdicts_are_sound(net_data, tmp_path, eps):
         if r["status"] == "falsified":
             cex = torch.tensor(r["counterexample"]).view_as(x)
             assert validate_counterexample(net, cex, x, y, threat)
-            assert r["stage"] in ("attack", "apgd", "bab", "milp")
+            assert r["stage"] in ("attack-quick", "attack", "apgd", "bab", "milp")
         if r["status"] == "verified":
             assert r["stage"] in ("ibp", "crown", "alpha-crown", "bab", "milp")
             assert not _grid_counterexample(net, x, y, eps)
@@ -215,7 +215,7 @@ def test_shards_merge_into_the_unsharded_summary(net_data, tmp_path):
         part = certify_dataset(net, X, Y, threat, p, limit=12, shard=(i, 3), **FAST)
         assert all(r["index"] % 3 == i for r in read_records(p)) and part["n"] == 4
     merged = merge(paths)
-    drop = lambda s: {k: v for k, v in s.items() if not k.startswith("time")}  # noqa: E731
+    drop = lambda s: {k: v for k, v in s.items() if not k.startswith("time") and k != "stage_seconds"}  # noqa: E731
     assert drop(merged) == drop(full)
     with pytest.raises(ValueError, match="twice"):
         merge([paths[0], paths[0]])
@@ -233,7 +233,7 @@ def test_apgd_stage_falsifies_points_the_bound_stages_leave_open(net_data, tmp_p
     and changes no other verdict."""
     net, X, Y = net_data
     threat = ThreatModel(0.2)
-    opts = dict(FAST, attack_losses=(), complete="none")
+    opts = dict(FAST, attack_losses=(), quick_attack_steps=0, complete="none")
     off = {r["index"]: r for r in read_records(certify_dataset(net, X, Y, threat, tmp_path / "off.jsonl",
                                                                apgd_restarts=0, **opts) and tmp_path / "off.jsonl")}
     on = {r["index"]: r for r in read_records(certify_dataset(net, X, Y, threat, tmp_path / "on.jsonl", **opts)

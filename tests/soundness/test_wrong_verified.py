@@ -62,7 +62,7 @@ def test_float32_tie_is_not_verified_by_the_bound_stages(tmp_path):
         (rec,) = read_records(out)
         verdicts.append((rec["status"], rec["stage"]))
         assert rec["status"] != "verified", rec
-    assert verdicts[0] == verdicts[1] == ("falsified", "attack")  # the pre-pass keeps the verdict
+    assert verdicts[0] == verdicts[1] == ("falsified", "attack-quick")  # the pre-pass keeps the verdict
 
 
 def test_evaluate_counts_ibp_certified_as_the_pipeline_does():

@@ -7,6 +7,7 @@ attacks of AutoAttack's standard version (without FAB-T and Square; not the full
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,10 @@ def _checkpoints(steps: int) -> list[int]:
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int = 100,
          loss: str = "ce", restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-         generator: torch.Generator | None = None) -> torch.Tensor:
+         generator: torch.Generator | None = None, deadline: float = math.inf) -> torch.Tensor:
     """The worst point (largest margin loss) found by APGD; always inside the box and the data range.
-    The model runs in eval mode; its modes are restored afterwards."""
+    The model runs in eval mode; its modes are restored afterwards. ``deadline`` (``time.monotonic()``):
+    a wall-clock cap, checked before every step."""
     if loss not in ("ce", "dlr"):
         raise ValueError(f"unknown APGD loss {loss!r}; known: ce, dlr")
     if steps < 1 or restarts < 1:
@@ -61,6 +63,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel
             successes = torch.zeros_like(eta)
             last_mark, f_max_at_mark, eta_at_mark = 0, f_max.clone(), eta.clone()
             for k in range(steps):
+                if time.monotonic() > deadline:
+                    break
                 z = _project(cur + eta.view(view) * grad.sign(), box)
                 a = 1.0 if k == 0 else momentum
                 nxt = _project(cur + a * (z - cur) + (1 - a) * (cur - prev), box)

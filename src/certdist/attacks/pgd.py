@@ -107,3 +107,41 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
 def fgsm_like(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, **kw) -> torch.Tensor:
     """One step of PGD with random start and step 10 * eps (the expressive-losses training attack)."""
     return pgd(model, x, y, threat, steps=1, step_size=10.0, relative_step=True, **kw)
+
+
+def search_counterexample(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int,
+                          restarts: int = 1, loss: str = "margin", step_size: float | None = None,
+                          generator: torch.Generator | None = None, deadline: float = float("inf")
+                          ) -> tuple[torch.Tensor | None, int, bool]:
+    """Falsification of one point ``x`` [1, ...] with label ``y`` [1]: ``restarts`` PGD runs from uniform
+    random starts, batched, that stop at the first step where a copy is misclassified (its argmax is not ``y``).
+
+    Returns ``(x_adv, steps_done, capped)``: the first misclassified point found ([1, ...], inside the box
+    and the data range; the caller validates it) or None; the PGD steps taken (per copy); ``capped``: the
+    wall-clock ``deadline`` (``time.monotonic()``) stopped the search before its ``steps``. Without the
+    cap the result depends only on the inputs and the generator, not on the machine's speed or load."""
+    import time
+    if x.shape[0] != 1 or steps < 0 or restarts < 1:
+        raise ValueError(f"need one point, steps >= 0 and restarts >= 1; got {tuple(x.shape)}, {steps}, {restarts}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; known: {', '.join(LOSSES)}")
+    alpha = 2.5 * threat.eps / max(steps, 1) if step_size is None else step_size
+    box = threat.box(x)
+    xs, ys = x.detach().expand(restarts, *x.shape[1:]), y.expand(restarts)
+    lo, hi = box.lower.expand_as(xs), box.upper.expand_as(xs)
+    xa = lo + torch.rand(xs.shape, generator=generator, device=x.device, dtype=x.dtype) * (hi - lo)
+    loss_fn = LOSSES[loss]
+    with attack_mode(model):
+        for step in range(steps + 1):
+            xa = xa.detach().requires_grad_(True)
+            logits = model(xa)
+            hit = torch.nonzero(logits.detach().argmax(1) != ys).flatten()  # ties count as argmax does
+            if hit.numel():
+                return xa[hit[:1]].detach(), step, False
+            if step == steps:
+                break
+            if time.monotonic() > deadline:
+                return None, step, True
+            grad, = torch.autograd.grad(loss_fn(logits, ys).sum(), xa)
+            xa = torch.max(torch.min(xa.detach() + alpha * grad.sign(), hi), lo)
+    return None, steps, False

@@ -10,7 +10,8 @@ of the split constraints: alpha-beta-CROWN, Wang et al. 2021) and
 
 - drops a child whose bound exceeds the row's float32 tolerance ``tol`` (the one acceptance rule of
   :func:`certdist.verification.rounding.proved`; a NaN bound proves nothing) or whose bounds are
-  contradictory (``l > u``: empty domain);
+  contradictory by more than rounding can explain (an empty domain, see :func:`_sanitize`: never the root,
+  nor a domain whose split constraints the box centre satisfies; bounds crossed by less are repaired);
 - evaluates the network at the minimiser of the child's linear bound; a point whose margin is below
   the tolerance and that the caller's ``check`` validates ends the search (falsified);
 - solves a child with no unstable ReLU left exactly (an LP, :mod:`certdist.verification.milp`), which
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -45,6 +47,21 @@ class BabResult:
     counterexample: torch.Tensor | None = None
     domains: int = 0                     # domains bounded
     message: str = ""
+
+
+class DomainBudget:
+    """The effort budget of a branch-and-bound search: at most ``limit`` domains bounded, all margin rows
+    together (None: no limit). Counting work instead of seconds makes the verdict machine-independent."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit, self.spent = limit, 0
+
+    def left(self) -> float:
+        return math.inf if self.limit is None else self.limit - self.spent
+
+    def pop_count(self, batch: int, queued: int) -> int:
+        """How many domains to split next (each makes two children) within the budget."""
+        return int(min(batch, queued, max(self.left() // 2, 0)))
 
 
 @dataclass
@@ -118,12 +135,52 @@ def _choose(scores: list[torch.Tensor], lbs, ubs) -> list[tuple[int, int] | None
     return out
 
 
+EMPTY_REL_SLACK = 1e-9
+
+
+def _magnitudes(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor) -> list[torch.Tensor]:
+    """Per ReLU layer k, ``M_k = |W_k| M_{k-1} + |b_k|`` from ``M_{-1} = max(|x_lo|, |x_hi|)`` (flat [n_k]):
+    a bound on the absolute value of every term of every float64 bound of a layer-k neuron over the box
+    (IBP's and CROWN's: ReLU slopes lie in [0, 1] and intercepts below the bounds' own magnitudes), so that
+    their rounding errors are a small multiple of ``2^-53 M_k``."""
+    m = torch.maximum(x_lo.abs(), x_hi.abs()).reshape(-1)
+    out = []
+    for W, b in zip(net.weights[:-1], net.biases[:-1]):
+        m = W.abs() @ m + b.abs()
+        out.append(m)
+    return out
+
+
+def _sanitize(lbs: list[torch.Tensor], ubs: list[torch.Tensor], splits: list[torch.Tensor],
+              slack: list[torch.Tensor], witness: list[torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Crossed bounds (``l > u``) of a batch of domains ([D, n_k] per layer): ``(lbs, ubs, empty)``.
+
+    A domain is empty (and may be dropped: it holds no input) only when some neuron's bounds cross by more
+    than ``slack`` (a bound on what float64 rounding of two sound enclosures can explain, per neuron) and
+    the ``witness`` (the pre-activations of a point of the box, per layer [n_k]) breaks one of its split
+    constraints: a domain whose constraints a point of the box meets is never empty, in particular the
+    root (no splits), which holds the clean input. Emptiness never proves anything else. Every other
+    crossing is rounding: those bounds are repaired to ``[min(l, u), max(l, u)]`` and the domain is kept."""
+    D = lbs[0].shape[0] if lbs else 0
+    far = torch.zeros(D, dtype=torch.bool)
+    met = torch.ones(D, dtype=torch.bool)
+    out_l, out_u = [], []
+    for l, u, s, e, w in zip(lbs, ubs, splits, slack, witness):
+        far |= (l > u + e).any(1)
+        met &= ~(((s > 0) & (w < -e)) | ((s < 0) & (w > e))).any(1)
+        out_l.append(torch.minimum(l, u))
+        out_u.append(torch.maximum(l, u))
+    return out_l, out_u, far & ~met
+
+
 class _RowSearch:
     """Branch and bound for one margin row ``c`` (``c^T logits > 0`` on the box)."""
 
     def __init__(self, net: DenseNet, c: torch.Tensor, x_lo, x_hi, check, batch: int, alpha_steps: int,
-                 alpha_lr: float, deadline: float, tol: float = 0.0) -> None:
+                 alpha_lr: float, deadline: float, tol: float = 0.0, budget: DomainBudget | None = None) -> None:
         self.net, self.c, self.x_lo, self.x_hi, self.check, self.tol = net, c, x_lo, x_hi, check, tol
+        self.budget = budget or DomainBudget()
         self.batch, self.alpha_steps, self.alpha_lr, self.deadline = batch, alpha_steps, alpha_lr, deadline
         self.heap: list = []
         self.counter = itertools.count()
@@ -132,6 +189,9 @@ class _RowSearch:
         self.leaf_message = ""
         self.counterexample: torch.Tensor | None = None
         self.proved = float("inf")  # smallest bound of a domain proved safe
+        # what emptiness needs: the rounding slack per neuron and the box centre's pre-activations
+        self._slack = [EMPTY_REL_SLACK * (k + 2) * m for k, m in enumerate(_magnitudes(net, x_lo, x_hi))]
+        self._witness = [z[0] for z in net.preactivations((x_lo + x_hi) / 2)[:-1]]
 
     def _refine_bytes(self, D: int, start: int) -> int:
         """Memory of the largest backward matrix when re-bounding the layers from ``start`` on."""
@@ -149,6 +209,7 @@ class _RowSearch:
             lower = torch.maximum(lower, _optimise(self.net, A, lbs, ubs, splits, lo, hi, self.alpha_steps,
                                                    self.alpha_lr)[:, 0])
         self.domains += D
+        self.budget.spent += D
         return lower, res.minimiser[:, 0], res.scores
 
     def try_points(self, xs: torch.Tensor) -> bool:
@@ -179,10 +240,13 @@ class _RowSearch:
         self.leaf_message = self.leaf_message or row.message
         return False
 
-    def process(self, lbs, ubs, splits, lower, minimisers, scores) -> bool:
-        """Prune, check and queue bounded domains; True when a counterexample was found."""
-        empty = torch.stack([(l > u + 1e-9).any(1) for l, u in zip(lbs, ubs)]).any(0) if lbs else \
-            torch.zeros(len(lower), dtype=torch.bool)
+    def sanitize(self, lbs, ubs, splits) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """:func:`_sanitize` with this box's slack and witness (the box centre's pre-activations)."""
+        return _sanitize(lbs, ubs, splits, self._slack, self._witness)
+
+    def process(self, lbs, ubs, splits, lower, minimisers, scores, empty) -> bool:
+        """Prune, check and queue bounded domains (``empty``: from :meth:`sanitize`); True when a
+        counterexample was found."""
         lower = torch.nan_to_num(lower, nan=-float("inf"))  # NaN proves nothing (and would break the heap)
         open_ = (~empty) & ~proved(lower, self.tol)
         if ((~empty) & ~open_).any():
@@ -202,20 +266,25 @@ class _RowSearch:
     def run(self, lbs: list[torch.Tensor], ubs: list[torch.Tensor]) -> BabResult:
         root_l, root_u = [l.unsqueeze(0) for l in lbs], [u.unsqueeze(0) for u in ubs]
         root_s = [torch.zeros_like(l, dtype=torch.int8) for l in root_l]
+        root_l, root_u, _ = self.sanitize(root_l, root_u, root_s)  # the root holds the clean input: never empty
         lower, mins, scores = self.bound(root_l, root_u, root_s)
-        if self.process(root_l, root_u, root_s, lower, mins, scores):
+        if self.process(root_l, root_u, root_s, lower, mins, scores, torch.zeros(1, dtype=torch.bool)):
             return BabResult("falsified", float(lower.min()), self.counterexample, self.domains)
         while self.heap:
             if time.monotonic() > self.deadline:
                 return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
-            popped = [heapq.heappop(self.heap)[2] for _ in range(min(self.batch, len(self.heap)))]
+            n_pop = self.budget.pop_count(self.batch, len(self.heap))
+            if n_pop == 0:
+                return BabResult("unknown", self.heap[0][0], None, self.domains, "domain budget")
+            popped = [heapq.heappop(self.heap)[2] for _ in range(n_pop)]
             c_l, c_u, c_s, first = _children(popped)
             D2 = c_l[0].shape[0]
             if self._refine_bytes(D2, first + 1) <= MAX_REFINE_BYTES:  # else keep the parents' bounds
                 c_l, c_u = crown_bounds(self.net, self.x_lo.expand(D2, -1), self.x_hi.expand(D2, -1), c_l, c_u,
                                         splits=c_s, start=first + 1)
+            c_l, c_u, empty = self.sanitize(c_l, c_u, c_s)
             lower, mins, scores = self.bound(c_l, c_u, c_s)
-            if self.process(c_l, c_u, c_s, lower, mins, scores):
+            if self.process(c_l, c_u, c_s, lower, mins, scores, empty):
                 return BabResult("falsified", -float("inf"), self.counterexample, self.domains)
         if self.unresolved:
             why = f" ({self.leaf_message})" if self.leaf_message else ""
@@ -228,13 +297,14 @@ class _RowSearch:
 def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor, time_limit: float,
                check: Callable[[torch.Tensor], torch.Tensor | None], batch: int = 64, alpha_steps: int = 20,
                alpha_lr: float = 0.1, root_bounds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-               tol: torch.Tensor | float = 0.0) -> BabResult:
+               tol: torch.Tensor | float = 0.0, max_domains: int | None = None) -> BabResult:
     """Decide ``C logits > tol`` on the box ``[x_lo, x_hi]`` (flat [n_0]; ``C``: [S, K]) row by row;
     ``tol`` ([S] or a number): the float32 tolerance of each row (:mod:`certdist.verification.rounding`).
 
     ``check(x)`` receives a candidate input (flat float64) and returns the validated counterexample or
     ``None``. ``root_bounds``: pre-activation bounds (flat [n_k] per ReLU layer), default dense CROWN.
-    The returned ``lower`` is a proven lower bound of the smallest margin only when verified."""
+    The returned ``lower`` is a proven lower bound of the smallest margin only when verified.
+    ``max_domains``: the effort budget, domains bounded over all rows (None: until ``time_limit``)."""
     deadline = time.monotonic() + time_limit
     x_lo = x_lo.to(torch.float64).view(1, -1)
     x_hi = x_hi.to(torch.float64).view(1, -1)
@@ -246,13 +316,15 @@ def bab_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.T
     if not all(bool(torch.isfinite(t).all()) for t in [x_lo, x_hi, *lbs, *ubs]):
         return BabResult("unknown", -float("inf"), message="non-finite input box or pre-activation bounds")
     tols = torch.as_tensor(tol, dtype=torch.float64).expand(C.shape[0]).tolist()
-    return combine_rows((_RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline, t).run(lbs, ubs)
-                         for c, t in zip(C.to(torch.float64), tols)), deadline)
+    budget = DomainBudget(max_domains)
+    return combine_rows((_RowSearch(net, c, x_lo, x_hi, check, batch, alpha_steps, alpha_lr, deadline, t, budget)
+                         .run(lbs, ubs) for c, t in zip(C.to(torch.float64), tols)), deadline, budget)
 
 
-def combine_rows(rows: Iterable[BabResult], deadline: float) -> BabResult:
+def combine_rows(rows: Iterable[BabResult], deadline: float, budget: DomainBudget | None = None) -> BabResult:
     """The verdict of a point from its rows' searches (run lazily, in order): falsified at the first
-    falsified row; verified only when every row is; else unknown (stopping once the deadline passed)."""
+    falsified row; verified only when every row is; else unknown (stopping once the deadline passed or
+    the domain ``budget`` is spent)."""
     result = BabResult("verified", float("inf"))
     for row in rows:
         result.domains += row.domains
@@ -261,6 +333,6 @@ def combine_rows(rows: Iterable[BabResult], deadline: float) -> BabResult:
         result.lower = min(result.lower, row.lower)
         if row.status == "unknown":
             result.status, result.message = "unknown", row.message
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (budget is not None and budget.left() <= 0):
                 break
     return result

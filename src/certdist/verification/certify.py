@@ -1,18 +1,24 @@
 """The staged certification pipeline: one verdict per test point, written as JSON lines.
 
-Per point, in order (the first conclusive stage ends the point):
+Per point, in order (the first conclusive stage ends the point), each stage with its own effort budget
+counted in work (attack steps, bound passes, branch-and-bound domains, MILP nodes; :class:`CertifyConfig`),
+so that a checkpoint gets the same verdicts on any machine and under any load:
 
 1. ``clean``: the eval-mode network misclassifies ``x`` -> ``misclassified``;
-2. ``attack``: PGD with restarts on the margin loss and on cross-entropy -> ``falsified``;
-3. ``ibp`` -> ``crown`` -> ``alpha-crown``: every margin proved -> ``verified``;
-4. ``apgd``: APGD with the DLR loss on the points the bound stages leave open (a stronger attack, only
-   where one can pay off) -> ``falsified``;
-5. complete verification with the time left -> ``verified`` / ``falsified``: under ``complete="auto"``
-   the exact ``milp`` when the network has a dense form and few ReLUs are unstable after CROWN, else
-   ``chain-bab`` (branch and bound on the layer chain, started from the CROWN stage's intermediate
-   bounds); ``bab`` (dense branch and bound), ``milp`` and ``chain-bab`` can be asked for;
-6. otherwise ``unknown`` (timeout, complete verification disabled/unavailable, or margins within the
-   float32 tolerance that no counterexample realises).
+2. ``attack-quick``: a short batched PGD on the margin loss (cheap falsification) -> ``falsified``;
+3. ``ibp`` -> ``crown``: every margin proved -> ``verified``;
+4. ``attack`` -> ``apgd``: the full attack (PGD on the margin and cross-entropy losses, then APGD-DLR),
+   only on the points the bounds left open, its wall clock capped at a share of the timeout -> ``falsified``;
+5. ``alpha-crown`` -> ``verified``;
+6. complete verification -> ``verified`` / ``falsified``: under ``complete="auto"`` the exact ``milp`` when
+   the network has a dense form and few ReLUs are unstable after CROWN, else ``chain-bab`` (branch and
+   bound on the layer chain, started from the CROWN stage's intermediate bounds); ``bab`` (dense branch
+   and bound), ``milp`` and ``chain-bab`` can be asked for;
+7. otherwise ``unknown`` (effort budget spent, the wall-clock cap reached, complete verification
+   disabled/unavailable, or margins within the float32 tolerance that no counterexample realises).
+
+The wall-clock ``timeout`` per point stays as a cap: a point that reaches it records ``capped`` (the stage
+it stopped) and :func:`summarize` counts such points; only their verdicts can depend on the machine.
 
 Soundness policy (docs/method.md): the bounds are computed in float64 on a float64 copy of the
 eval-mode network over the float32 input box, and a margin row counts as proved only when its lower
@@ -34,6 +40,7 @@ summary.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -41,15 +48,15 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from certdist.attacks.apgd import apgd
-from certdist.attacks.pgd import pgd
+from certdist.attacks.pgd import pgd, search_counterexample
 from certdist.bounds import Interval
 from certdist.models.cnn import check_float32
 from certdist.propagation.ibp import check_fixed_batchnorm, exact_fp32, ibp
@@ -59,38 +66,33 @@ from certdist.verification.bab import bab_verify
 from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import DenseNet, TooLargeError, count_unstable, crown_bounds, dense_from_model
 from certdist.verification.milp import milp_verify
+from certdist.propagation.alpha import alpha_crown
+from certdist.propagation.crown import crown
 from certdist.verification.rounding import fp32_error_bound, margin_tolerance, proved
 
 STATUSES = ("misclassified", "falsified", "verified", "unknown")
 COMPLETE_METHODS = ("auto", "chain-bab", "bab", "milp", "none")
-BOUND_STAGES = ("ibp", "crown", "alpha-crown")
 CEX_TOL = 1e-6
-
-try:  # CROWN / alpha-CROWN live in certdist.propagation; the pipeline still runs (IBP only) without them
-    from certdist.propagation.crown import crown as _crown
-except ImportError as _e:  # pragma: no cover - depends on the installation
-    _crown, _CROWN_ERROR = None, f"CROWN unavailable ({_e})"
-else:
-    _CROWN_ERROR = ""
-try:
-    from certdist.propagation.alpha import alpha_crown as _alpha_crown
-except ImportError as _e:  # pragma: no cover
-    _alpha_crown, _ALPHA_ERROR = None, f"alpha-CROWN unavailable ({_e})"
-else:
-    _ALPHA_ERROR = ""
 
 
 @dataclass(frozen=True)
 class CertifyConfig:
     """Everything that determines a verdict (saved in every record's ``config`` hash-free form).
 
-    ``timeout``: seconds per point, all stages together. ``complete``: ``auto`` (the exact MILP when the
-    network has a dense form and the point has at most ``milp_max_unstable`` unstable ReLUs after CROWN, else
-    ``chain-bab``), ``chain-bab`` (branch and bound on the layer chain, any network), ``bab`` (branch and
-    bound on the dense form; ``chain-bab`` for networks without one), ``milp`` (dense form only) or ``none``.
-    ``attack_steps``/``restarts``: PGD per loss in ``attack_losses``. ``apgd_restarts``: APGD-DLR restarts
-    (``attack_steps`` steps each; 0 skips the stage) on the points the bound stages leave open.
-    ``alpha_iterations``: alpha-CROWN steps (0 skips the stage). ``bab_*``: branch-and-bound batch size and
+    The budget of a point is counted in work (the effort budget), so that one checkpoint gives the same
+    verdicts on any machine and under any load: ``quick_attack_steps`` x ``quick_restarts`` PGD steps
+    (margin loss, the restarts batched), then IBP and CROWN, then on the points still open ``attack_steps``
+    x ``restarts`` PGD steps per loss in ``attack_losses`` and ``apgd_restarts`` x ``attack_steps`` APGD-DLR
+    steps, ``alpha_iterations`` alpha-CROWN steps, and for the complete stage at most ``max_domains``
+    branch-and-bound domains (all margin rows together) or ``milp_max_nodes`` MILP nodes per row.
+    ``timeout`` is the wall-clock cap per point (all stages together; the full attack gets at most
+    ``attack_share`` of it): a point that hits it ends ``unknown`` with ``capped`` in its record, and only
+    such points' verdicts can depend on the machine's speed; :func:`summarize` counts them.
+
+    ``complete``: ``auto`` (the exact MILP when the network has a dense form and the point has at most
+    ``milp_max_unstable`` unstable ReLUs after CROWN, else ``chain-bab``), ``chain-bab`` (branch and bound on
+    the layer chain, any network), ``bab`` (branch and bound on the dense form; ``chain-bab`` for networks
+    without one), ``milp`` (dense form only) or ``none``. ``bab_*``: branch-and-bound batch size and
     alpha/beta optimisation steps per batch; ``chain_bab_alpha_steps``: those of the chain BaB, whose children
     start from their parent's slopes and multipliers, so that fewer steps suffice. ``max_dense_weights``:
     complete verification needs the network as dense matrices of at most this many entries each.
@@ -102,14 +104,19 @@ class CertifyConfig:
 
     timeout: float = 10.0
     complete: str = "auto"
+    quick_attack_steps: int = 20
+    quick_restarts: int = 2
     attack_steps: int = 100
     restarts: int = 5
     attack_losses: tuple[str, ...] = ("margin", "ce")
     apgd_restarts: int = 5
+    attack_share: float = 0.3
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
     milp_max_unstable: int = 64
+    milp_max_nodes: int = 5000
     milp_threads: int = 1
+    max_domains: int = 2000
     bab_batch: int = 64
     bab_alpha_steps: int = 20
     chain_bab_alpha_steps: int = 10
@@ -135,6 +142,14 @@ class CertifyConfig:
         if self.attack_steps < 0 or self.restarts < 1 or self.apgd_restarts < 0:
             raise ValueError(f"need attack_steps >= 0, restarts >= 1 and apgd_restarts >= 0, got {self.attack_steps}, "
                              f"{self.restarts}, {self.apgd_restarts}")
+        if self.quick_attack_steps < 0 or self.quick_restarts < 1:
+            raise ValueError(f"need quick_attack_steps >= 0 and quick_restarts >= 1, got {self.quick_attack_steps}, "
+                             f"{self.quick_restarts}")
+        if not 0 < self.attack_share <= 1:
+            raise ValueError(f"attack_share is the wall-clock share of the full attack, in (0, 1]; got {self.attack_share}")
+        if self.max_domains < 1 or self.milp_max_nodes < 1 or self.alpha_iterations < 0:
+            raise ValueError(f"need max_domains >= 1, milp_max_nodes >= 1 and alpha_iterations >= 0, got "
+                             f"{self.max_domains}, {self.milp_max_nodes}, {self.alpha_iterations}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,6 +181,8 @@ def prepare(model: nn.Module, input_shape: tuple[int, ...], cfg: CertifyConfig,
             dense: DenseNet | str | None = None) -> Verifier:
     """Eval-mode copies of ``model`` (float32 and float64) and its dense form (``dense`` if given).
     Raises ValueError on a model that is not float32."""
+    from certdist.models.support import check_supported
+    check_supported(model, input_shape)  # the layer-support contract, before any stage runs or record is written
     check_float32(model, "certify")
     net = eval_copy(model)
     net64 = copy.deepcopy(net).double()
@@ -248,6 +265,7 @@ def _candidate_checker(model: nn.Module, x: torch.Tensor, y: int, threat: Threat
 
 @dataclass
 class _Point:
+    """A point under way: its deadline (the wall-clock cap), the margins and the work spent per stage."""
     index: int
     label: int
     start: float
@@ -255,9 +273,33 @@ class _Point:
     margins: dict[str, float | None]
     stage: str = ""
     message: str = ""
+    effort: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    capped: str = ""
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def spend(self, stage: str, **work: int) -> None:
+        """Add ``work`` (attack steps, bound passes, domains, ...) to ``stage``'s effort."""
+        mine = self.effort.setdefault(stage, {})
+        for k, v in work.items():
+            mine[k] = mine.get(k, 0) + int(v)
+
+    def cap(self, stage: str) -> None:
+        """The wall-clock cap stopped ``stage`` before its effort budget was spent."""
+        self.capped = self.capped or stage
+        self.message = (self.message + "; " if self.message else "") + f"wall-clock cap reached in {stage}"
+
+
+@contextlib.contextmanager
+def _timed(p: _Point, stage: str) -> Iterator[None]:
+    p.stage = stage
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        p.seconds[stage] = p.seconds.get(stage, 0.0) + time.monotonic() - t0
 
 
 def _finite(v: float) -> float | None:
@@ -269,6 +311,12 @@ def _record(p: _Point, status: str, stage: str, cfg: CertifyConfig, eps: float, 
     rec = {"index": p.index, "label": p.label, "status": status, "stage": stage,
            "time_s": round(time.monotonic() - p.start, 6), "eps": eps, "pred": pred,
            "margins": {k: _finite(v) if v is not None else None for k, v in p.margins.items()}}
+    if p.effort:
+        rec["effort"] = p.effort
+    if p.seconds:
+        rec["stage_time_s"] = {k: round(v, 6) for k, v in p.seconds.items()}
+    if p.capped:
+        rec["capped"] = p.capped
     if cex is not None:
         with torch.no_grad():
             rec["adv_pred"] = int(model(cex).argmax(1))
@@ -284,65 +332,102 @@ def _record(p: _Point, status: str, stage: str, cfg: CertifyConfig, eps: float, 
     return rec
 
 
-def _attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: "_Point | None" = None) -> torch.Tensor | None:
-    for k, loss in enumerate(cfg.attack_losses):
-        if k > 0 and p is not None and p.left() <= 0:  # out of time: the bound stages decide
-            break
-        g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + k)
-        x_adv = pgd(model, x, y_t, threat, steps=cfg.attack_steps, restarts=cfg.restarts, loss=loss, generator=g)
-        if validate_counterexample(model, x_adv, x, int(y_t), threat):
-            return x_adv
-    return None
+def _generator(x: torch.Tensor, cfg: CertifyConfig, index: int, k: int) -> torch.Generator:
+    """The attacks' random numbers: a function of the seed, the point and the attack (never of time)."""
+    return torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + k)
 
 
-def _late_attack(model, x, y_t, threat, cfg: CertifyConfig, index: int, p: _Point) -> torch.Tensor | None:
-    """APGD-DLR (``cfg.apgd_restarts`` restarts of ``cfg.attack_steps`` steps) for a point the bound stages
-    left open; the validated counterexample or None (also when skipped: no restarts, no steps, no time,
-    fewer than 3 classes, which DLR needs)."""
-    if not (cfg.apgd_restarts and cfg.attack_steps and p.left() > 0 and _num_classes(model, x) >= 3):
+def _quick_attack(model, x, y_t, threat, cfg: CertifyConfig, p: _Point) -> torch.Tensor | None:
+    """Cheap falsification before any bound: ``quick_restarts`` batched PGD runs of ``quick_attack_steps``
+    steps (at most ``attack_steps``: 0 turns every attack off) on the margin loss, stopping at the first misclassified step; the validated counterexample."""
+    steps = min(cfg.quick_attack_steps, cfg.attack_steps)  # attack_steps=0: no attack at all
+    if steps == 0:
         return None
-    g = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + index * 31 + len(cfg.attack_losses))
-    x_adv = apgd(model, x, y_t, threat, steps=cfg.attack_steps, loss="dlr", restarts=cfg.apgd_restarts, generator=g)
-    return x_adv if validate_counterexample(model, x_adv, x, int(y_t), threat) else None
+    with _timed(p, "attack-quick"):
+        cand, steps, capped = search_counterexample(
+            model, x, y_t, threat, steps, cfg.quick_restarts, "margin",
+            generator=_generator(x, cfg, p.index, 0), deadline=p.deadline)
+        p.spend("attack-quick", attack_steps=steps * cfg.quick_restarts)
+        if capped:
+            p.cap("attack-quick")
+        return cand if cand is not None and validate_counterexample(model, cand, x, int(y_t), threat) else None
 
 
-def _bound_stages(net64, x64, box, C, tol, cfg: CertifyConfig, p: _Point
-                  ) -> tuple[str | None, torch.Tensor, list[Interval] | None, torch.Tensor]:
-    """IBP, CROWN, alpha-CROWN in float64 in turn on ``box`` (a :class:`_FixedBox`); returns (proving
-    stage or None, best lower bound per row [S], the CROWN stage's pre-activation bounds per ReLU or
-    None when it did not run, the float32 tolerance per row [S]). A stage proves the point when every row
-    is proved. ``tol`` (from IBP's activation ranges) is tightened with CROWN's once the CROWN stage ran:
-    both are sound, so is their minimum."""
-    with torch.no_grad():
+def _full_attack(model, x, y_t, threat, cfg: CertifyConfig, p: _Point) -> tuple[torch.Tensor | None, str]:
+    """The full attack on a point the bounds left open: PGD (``restarts`` batched runs of ``attack_steps``
+    steps per loss in ``attack_losses``), then APGD-DLR (``apgd_restarts`` x ``attack_steps``; needs 3
+    classes). Its wall clock is capped at ``attack_share`` of the timeout. Returns (the validated
+    counterexample or None, the stage that found it)."""
+    deadline = min(p.deadline, time.monotonic() + cfg.attack_share * cfg.timeout)
+    with _timed(p, "attack"):
+        for k, loss in enumerate(cfg.attack_losses, start=1):
+            if cfg.attack_steps == 0:
+                break
+            cand, steps, capped = search_counterexample(model, x, y_t, threat, cfg.attack_steps, cfg.restarts, loss,
+                                                        generator=_generator(x, cfg, p.index, k), deadline=deadline)
+            p.spend("attack", attack_steps=steps * cfg.restarts)
+            if cand is not None and validate_counterexample(model, cand, x, int(y_t), threat):
+                return cand, "attack"
+            if capped:
+                p.cap("attack")
+                return None, "attack"
+    if not (cfg.apgd_restarts and cfg.attack_steps and _num_classes(model, x) >= 3):
+        return None, "attack"
+    if time.monotonic() > deadline:
+        p.cap("apgd")
+        return None, "apgd"
+    with _timed(p, "apgd"):
+        g = _generator(x, cfg, p.index, len(cfg.attack_losses) + 1)
+        x_adv = apgd(model, x, y_t, threat, steps=cfg.attack_steps, loss="dlr", restarts=cfg.apgd_restarts,
+                     generator=g, deadline=deadline)
+        p.spend("apgd", attack_steps=cfg.attack_steps * cfg.apgd_restarts)
+        if time.monotonic() > deadline:
+            p.cap("apgd")
+    return (x_adv if validate_counterexample(model, x_adv, x, int(y_t), threat) else None), "apgd"
+
+
+def _ibp_crown(net64, x64, box: "_FixedBox", C, tol, p: _Point
+               ) -> tuple[str | None, torch.Tensor, list[Interval] | None, torch.Tensor]:
+    """IBP, then CROWN (intermediate bounds "best": CROWN where IBP leaves neurons unstable, intersected
+    with IBP), in float64 over ``box`` (the float32 box in float64, as a :class:`_FixedBox`). Returns (proving stage or None, best
+    lower bound per row [S], CROWN's pre-activation bounds per ReLU or None, the float32 tolerance per row
+    [S]). ``tol`` (from IBP's activation ranges) is tightened with CROWN's: both are sound, so is their
+    minimum. A stage proves the point when every row is proved."""
+    with _timed(p, "ibp"), torch.no_grad():
         best = _finite_or_minus_inf(ibp(net64, x64, box, C=C).lower[0])
+        p.spend("ibp", bound_passes=1)
     p.margins["ibp"] = float(best.min())
     if proved(best, tol).all():
         return "ibp", best, None, tol
-    pre = None
-    for stage in ("crown", "alpha-crown"):
-        if p.left() <= 0:
-            p.message = f"timeout after {p.stage}"
-            return None, best, pre, tol
-        fn, err = (_crown, _CROWN_ERROR) if stage == "crown" else (_alpha_crown, _ALPHA_ERROR)
-        if fn is None or (stage == "alpha-crown" and cfg.alpha_iterations == 0):
-            p.message = (p.message + "; " if p.message else "") + (err or "alpha-CROWN disabled")
-            continue
-        p.stage = stage
-        with torch.no_grad():
-            if stage == "crown":
-                # "best": CROWN for the neurons IBP leaves unstable, intersected with IBP: never looser than
-                # full CROWN, and far cheaper on wide nets (DM-large, one MNIST point: 4.8 s against 141 s)
-                out, pre = fn(net64, x64, box, C=C, intermediate="best", bound_upper=False, return_intermediate=True)
-                tol = torch.minimum(tol, tolerance(net64, box.fixed, C, relu_bounds=pre)[0])
-            else:
-                out = fn(net64, x64, box, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
-                         intermediate="crown", intermediate_bounds=pre, bound_upper=False)
-        low = _finite_or_minus_inf(out.lower[0].detach())
-        p.margins[stage] = float(low.min())
-        best = torch.maximum(best, low)
-        if proved(best, tol).all():
-            return stage, best, pre, tol
-    return None, best, pre, tol
+    if p.left() <= 0:
+        p.cap("ibp")
+        return None, best, None, tol
+    with _timed(p, "crown"), torch.no_grad():
+        out, pre = crown(net64, x64, box, C=C, intermediate="best", bound_upper=False, return_intermediate=True)
+        p.spend("crown", bound_passes=1)
+        tol = torch.minimum(tol, tolerance(net64, box.fixed, C, relu_bounds=pre)[0])
+    low = _finite_or_minus_inf(out.lower[0].detach())
+    p.margins["crown"] = float(low.min())
+    best = torch.maximum(best, low)
+    return ("crown" if proved(best, tol).all() else None), best, pre, tol
+
+
+def _alpha_stage(net64, x64, box: "_FixedBox", C, best, tol, pre, cfg: CertifyConfig, p: _Point
+                 ) -> tuple[bool, torch.Tensor]:
+    """alpha-CROWN (``alpha_iterations`` steps) from CROWN's intermediate bounds; (proved, best lower bound)."""
+    if cfg.alpha_iterations == 0:
+        return False, best
+    if p.left() <= 0:
+        p.cap("alpha-crown")
+        return False, best
+    with _timed(p, "alpha-crown"), torch.no_grad():
+        out = alpha_crown(net64, x64, box, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
+                          intermediate="crown", intermediate_bounds=pre, bound_upper=False)
+        p.spend("alpha-crown", bound_passes=cfg.alpha_iterations)
+    low = _finite_or_minus_inf(out.lower[0].detach())
+    p.margins["alpha-crown"] = float(low.min())
+    best = torch.maximum(best, low)
+    return bool(proved(best, tol).all()), best
 
 
 def _finite_or_minus_inf(bound: torch.Tensor) -> torch.Tensor:
@@ -383,19 +468,24 @@ def _complete(model, dense: DenseNet, x, y: int, threat, C_rows, tol_rows, cfg: 
             return None
         method = "milp"
     check = _candidate_checker(model, x, y, threat)
-    p.stage = method
-    if method == "milp":
-        res = milp_verify(dense, lo[0], hi[0], C_rows, lbs, ubs, max(p.left(), 1e-3), check, cfg.milp_threads,
-                          tol=tol_rows)
-        extra = {"unstable": unstable}
-    else:
-        res = bab_verify(dense, lo[0], hi[0], C_rows, max(p.left(), 1e-3), check, batch=cfg.bab_batch,
-                         alpha_steps=cfg.bab_alpha_steps, root_bounds=(lbs, ubs), tol=tol_rows)
-        extra = {"unstable": unstable, "domains": res.domains}
+    with _timed(p, method):
+        if method == "milp":
+            res = milp_verify(dense, lo[0], hi[0], C_rows, lbs, ubs, max(p.left(), 1e-3), check, cfg.milp_threads,
+                              tol=tol_rows, max_nodes=cfg.milp_max_nodes)
+            extra = {"unstable": unstable}
+            p.spend(method, rows=int(C_rows.shape[0]))
+        else:
+            res = bab_verify(dense, lo[0], hi[0], C_rows, max(p.left(), 1e-3), check, batch=cfg.bab_batch,
+                             alpha_steps=cfg.bab_alpha_steps, root_bounds=(lbs, ubs), tol=tol_rows,
+                             max_domains=cfg.max_domains)
+            extra = {"unstable": unstable, "domains": res.domains}
+            p.spend(method, domains=res.domains)
     if res.status == "verified":
         p.margins[method] = res.lower
     if res.message:
         p.message = res.message
+        if res.message == "time limit":
+            p.cap(method)
     return res.status, method, res.counterexample, extra
 
 
@@ -404,15 +494,18 @@ def _chain_complete(model, x, y: int, threat, box64: Interval, C_rows, tol_rows,
     """Branch and bound on the layer chain (``chain_bab``) over the float32 box ``box64``, from the CROWN
     stage's intermediate bounds ``pre`` when it ran; a domain closes only above the largest float32
     tolerance of the open rows (the soundness policy). Returns (status, stage, counterexample, extra)."""
-    p.stage = "chain-bab"
     threshold = float(tol_rows.max()) if tol_rows.numel() else 0.0
-    res = chain_bab_verify(model, x, _FixedBox(threat, box64), C_rows, max(p.left(), 1e-3),
-                           _candidate_checker(model, x, y, threat), threshold=threshold, batch=cfg.bab_batch,
-                           alpha_steps=cfg.chain_bab_alpha_steps, root_bounds=pre)
+    with _timed(p, "chain-bab"):
+        res = chain_bab_verify(model, x, _FixedBox(threat, box64), C_rows, max(p.left(), 1e-3),
+                               _candidate_checker(model, x, y, threat), threshold=threshold, batch=cfg.bab_batch,
+                               alpha_steps=cfg.chain_bab_alpha_steps, root_bounds=pre, max_domains=cfg.max_domains)
+        p.spend("chain-bab", domains=res.domains)
     if res.status == "verified":
         p.margins["chain-bab"] = res.lower
     if res.message:
         p.message = res.message
+        if res.message == "time limit":
+            p.cap("chain-bab")
     extra = {"domains": res.domains}
     if pre is not None:
         extra["unstable"] = count_unstable([b.lower for b in pre], [b.upper for b in pre])
@@ -434,7 +527,11 @@ def certify_point(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel
 
 def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, cfg: CertifyConfig,
                      index: int = 0) -> dict[str, Any]:
-    """:func:`certify_point` on networks built by :func:`prepare` (call inside :func:`exact_fp32`)."""
+    """:func:`certify_point` on networks built by :func:`prepare` (call inside :func:`exact_fp32`).
+
+    The schedule never lets an attack starve the bounds: clean prediction, the quick attack, IBP and
+    CROWN, the full attack (PGD, then APGD) on what is still open, alpha-CROWN, then the complete stage;
+    each stage has its own effort budget (:class:`CertifyConfig`), and the wall-clock ``timeout`` is a cap."""
     model = v.net
     start = time.monotonic()
     p = _Point(index, int(y), start, start + cfg.timeout, {})
@@ -443,30 +540,32 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
         pred = int(model(x).argmax(1))
     if pred != int(y):
         return _record(p, "misclassified", "clean", cfg, threat.eps, pred)
-    p.stage = "attack"
-    cex = _attack(model, x, y_t, threat, cfg, index, p)
+    cex = _quick_attack(model, x, y_t, threat, cfg, p)
     if cex is not None:
-        return _record(p, "falsified", "attack", cfg, threat.eps, pred, cex, model)
-    p.stage = "ibp"
+        return _record(p, "falsified", "attack-quick", cfg, threat.eps, pred, cex, model)
     box64 = _box64(threat, x)
+    box, x64 = _FixedBox(threat, box64), x.to(torch.float64)
     C = margin_matrix(y_t, _num_classes(model, x)).to(torch.float64)
     tol = tolerance(v.net64, box64, C)[0]
-    proved_by, best, pre, tol = _bound_stages(v.net64, x.to(torch.float64), _FixedBox(threat, box64), C, tol, cfg, p)
-    fp = {"fp32_tol": _finite(float(tol.max()))}
+    proved_by, best, pre, tol = _ibp_crown(v.net64, x64, box, C, tol, p)
+    fp = lambda: {"fp32_tol": _finite(float(tol.max()))}  # noqa: E731 - the tolerance as it stands
     if proved_by is not None:
-        return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp)
-    cex = _late_attack(model, x, y_t, threat, cfg, index, p)
-    if cex is not None:
-        p.stage = "apgd"
-        return _record(p, "falsified", "apgd", cfg, threat.eps, pred, cex, model, **fp)
+        return _record(p, "verified", proved_by, cfg, threat.eps, pred, **fp())
+    if p.left() > 0:
+        cex, stage = _full_attack(model, x, y_t, threat, cfg, p)
+        if cex is not None:
+            return _record(p, "falsified", stage, cfg, threat.eps, pred, cex, model, **fp())
+    done, best = _alpha_stage(v.net64, x64, box, C, best, tol, pre, cfg, p)
+    if done:
+        return _record(p, "verified", "alpha-crown", cfg, threat.eps, pred, **fp())
     unstable = None if pre is None else count_unstable([b.lower for b in pre], [b.upper for b in pre])
     method, why = _complete_method(cfg, v.dense, unstable)
     if method is None:
         p.message = (p.message + "; " if p.message else "") + why
-        return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
+        return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp())
     if p.left() <= 0:
-        p.message = f"timeout after {p.stage}"
-        return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp)
+        p.cap(p.stage)
+        return _record(p, "unknown", p.stage, cfg, threat.eps, pred, **fp())
     open_rows = ~proved(best, tol)  # NaN-safe: a row is dropped only when it is proved
     rows = (C[0][open_rows], tol[open_rows])
     done = None
@@ -475,7 +574,7 @@ def certify_prepared(v: Verifier, x: torch.Tensor, y: int, threat: ThreatModel, 
     if done is None:  # chain-bab, or "auto" with too many unstable ReLUs for the MILP
         done = _chain_complete(model, x, int(y), threat, box64, *rows, cfg, p, pre)
     status, stage, cex, extra = done
-    return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **fp, **extra)
+    return _record(p, status, stage, cfg, threat.eps, pred, cex, model, **fp(), **extra)
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -517,19 +616,33 @@ def _drop_partial_line(path: Path) -> None:
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Counts per status and per (status, stage), accuracies and times over ``records``."""
+    """Counts per status and per (status, stage), accuracies and times over ``records``; per stage, the
+    effort spent (attack steps, bound passes, domains, ...) and seconds, summed over the points; and
+    ``capped``: the points that reached the wall-clock cap (the only verdicts that can depend on the
+    machine's speed or load)."""
     records = list(records)
     n = len(records)
     counts = {s: 0 for s in STATUSES}
     stages: dict[str, dict[str, int]] = {s: {} for s in STATUSES}
+    effort: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
+    capped = 0
     for r in records:
         counts[r["status"]] += 1
         stages[r["status"]][r["stage"]] = stages[r["status"]].get(r["stage"], 0) + 1
+        for stage, work in r.get("effort", {}).items():
+            mine = effort.setdefault(stage, {})
+            for k, v in work.items():
+                mine[k] = mine.get(k, 0) + v
+        for stage, t in r.get("stage_time_s", {}).items():
+            seconds[stage] = seconds.get(stage, 0.0) + t
+        capped += bool(r.get("capped"))
     times = [r["time_s"] for r in records]
     frac = (lambda k: k / n) if n else (lambda k: float("nan"))
     eps = sorted({r.get("eps") for r in records}, key=str)
     return {
         "n": n, "eps": eps[0] if len(eps) == 1 else eps, "counts": counts, "stages": stages,
+        "effort": effort, "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}, "capped": capped,
         "clean_accuracy": frac(n - counts["misclassified"]),
         "attack_accuracy": frac(n - counts["misclassified"] - counts["falsified"]),
         "certified_accuracy": frac(counts["verified"]),
@@ -539,19 +652,33 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+STAGE_ORDER = ("clean", "attack-quick", "ibp", "crown", "attack", "apgd", "alpha-crown", "milp", "bab", "chain-bab")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """A plain-text table of a :func:`summarize` result."""
+    """A plain-text table of a :func:`summarize` result: verdicts per status and stage, then per stage the
+    points that ended there unknown, the work and the seconds spent."""
     lines = [f"points: {summary['n']}   eps: {summary['eps']}", "", f"{'status':<14}{'stage':<13}{'count':>7}"]
     for status in STATUSES:
         lines.append(f"{status:<14}{'(all)':<13}{summary['counts'][status]:>7}")
         for stage, k in sorted(summary["stages"][status].items()):
             lines.append(f"{'':<14}{stage:<13}{k:>7}")
+    effort, secs = summary.get("effort", {}), summary.get("stage_seconds", {})
+    if effort or secs:
+        order = [s for s in STAGE_ORDER if s in effort or s in secs] + sorted(set(effort) | set(secs) - set(STAGE_ORDER))
+        lines += ["", f"{'stage':<13}{'unknown':>8}{'seconds':>10}  work"]
+        for stage in order:
+            work = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(effort.get(stage, {}).items()))
+            lines.append(f"{stage:<13}{summary['stages']['unknown'].get(stage, 0):>8}{secs.get(stage, 0.0):>10.1f}  {work}")
     pct = lambda v: f"{100 * v:6.2f}%"  # noqa: E731
     lines += ["", f"clean accuracy            {pct(summary['clean_accuracy'])}",
-              f"attack (PGD) accuracy     {pct(summary['attack_accuracy'])}",
+              f"attack accuracy           {pct(summary['attack_accuracy'])}",
               f"certified (IBP only)      {pct(summary['ibp_certified_accuracy'])}",
               f"certified (pipeline)      {pct(summary['certified_accuracy'])}",
               f"time per point: median {summary['time_median_s']:.3f} s, max {summary['time_max_s']:.3f} s"]
+    if summary.get("capped"):
+        lines.append(f"wall-clock cap reached on {summary['capped']} point(s): their verdicts can depend on the "
+                     "machine's speed and load (raise --timeout, or lower the effort budget)")
     return "\n".join(lines)
 
 
@@ -583,7 +710,9 @@ def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
 # mixing old and new verdicts. 2026.11.2: APGD stage, chain-BaB warm starts (stop 15); .3: versioned;
 # .4: float32 tolerance from CROWN's activation ranges once the CROWN stage ran; .5: the CROWN stage's
 # intermediate bounds are "best" (CROWN where IBP leaves neurons unstable, intersected with IBP).
-VERIFIER_VERSION = "2026.11.5"
+# 2026.12.1: the effort-budget schedule (quick attack, IBP + CROWN, full attack, alpha-CROWN, complete
+# stage with a domain / node budget).
+VERIFIER_VERSION = "2026.12.1"
 FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings", "verifier")
 
 
@@ -666,9 +795,9 @@ def _dense_or_reason(model: nn.Module, input_shape: tuple[int, ...], cfg: Certif
 
 
 def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, threat: ThreatModel,
-                    out_path: str | os.PathLike, timeout: float = 10.0, limit: int | None = None,
-                    shard: tuple[int, int] = (0, 1), complete: str = "auto", attack_steps: int = 100,
-                    restarts: int = 5, progress: bool = True, config: CertifyConfig | None = None,
+                    out_path: str | os.PathLike, timeout: float | None = None, limit: int | None = None,
+                    shard: tuple[int, int] = (0, 1), complete: str | None = None, attack_steps: int | None = None,
+                    restarts: int | None = None, progress: bool | None = None, config: CertifyConfig | None = None,
                     **options: Any) -> dict[str, Any]:
     """Certify the first ``limit`` points (all by default) of ``images`` [N, C, H, W] (floats in the
     threat's data range) with ``labels`` [N], appending one JSON line per point to ``out_path``.
@@ -676,9 +805,11 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     Points already in ``out_path`` are skipped (resume) when the file's records are of the same model
     state, data and verdict-relevant settings (:func:`fingerprint`, saved in every record); otherwise
     ValueError. ``shard=(i, n)`` processes the indices with ``index % n == i``. ``timeout``: seconds per
-    point. ``complete``: ``auto`` | ``chain-bab`` | ``bab`` | ``milp`` | ``none`` (see
-    :class:`CertifyConfig`). Other :class:`CertifyConfig` fields can be given as keyword ``options`` (or a
-    whole ``config``, which the explicit arguments then override). Returns :func:`summarize` of the records of
+    point (the wall-clock cap; the effort budget is in :class:`CertifyConfig`). ``complete``: ``auto`` |
+    ``chain-bab`` | ``bab`` | ``milp`` | ``none``. Other :class:`CertifyConfig` fields can be given as keyword
+    ``options`` or as a whole ``config``; the arguments given explicitly (not None) override its fields,
+    the others keep the config's values. ``progress``: a progress bar (default None: when stderr is a
+    terminal). Returns :func:`summarize` of the records of
     the points asked for (this shard's among the first ``limit``; none for ``limit=0``); print it with
     :func:`format_summary`."""
     i_shard, n_shard = shard
@@ -688,8 +819,9 @@ def certify_dataset(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}; CertifyConfig fields: "
                         f"{', '.join(f.name for f in fields(CertifyConfig))}")
-    cfg = replace(config or CertifyConfig(), timeout=float(timeout), complete=complete,
-                  attack_steps=attack_steps, restarts=restarts, **options)
+    given = {"timeout": None if timeout is None else float(timeout), "complete": complete,
+             "attack_steps": attack_steps, "restarts": restarts}
+    cfg = replace(config or CertifyConfig(), **{k: v for k, v in given.items() if v is not None}, **options)
     _check_inputs(images, labels, threat)
     n = images.shape[0] if limit is None else max(0, min(int(limit), images.shape[0]))
     out = Path(out_path)
@@ -735,13 +867,13 @@ def _batched_ibp(v: Verifier, images, labels, threat, cfg: CertifyConfig, todo: 
 
 
 def _run(v: Verifier, images, labels, threat, cfg: CertifyConfig, out: Path, todo: list[int],
-         fp: dict[str, Any], progress: bool) -> None:
+         fp: dict[str, Any], progress: bool | None) -> None:
     from tqdm.auto import tqdm
     # the first torch.optim optimiser imports torch._dynamo (seconds): not to be charged to point 0
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     counts = {s: 0 for s in STATUSES}
     decided = _batched_ibp(v, images, labels, threat, cfg, todo) if cfg.batched_ibp else {}
-    with open(out, "a") as f, tqdm(todo, desc="certify", disable=not progress, unit="pt") as bar:
+    with open(out, "a") as f, tqdm(todo, desc="certify", disable=None if progress is None else not progress, unit="pt") as bar:
         for i in bar:
             rec = decided.get(i) or certify_prepared(v, images[i:i + 1], int(labels[i]), threat, cfg, i)
             rec.update(fp)

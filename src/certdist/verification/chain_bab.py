@@ -47,7 +47,7 @@ from torch import nn
 from certdist.bounds import Interval, LinearBounds
 from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, backward_rule_for, prepare, relu_relaxation,
                                         tighten_intermediate)
-from certdist.verification.bab import BabResult, combine_rows
+from certdist.verification.bab import BabResult, DomainBudget, combine_rows
 
 Bounds = dict[int, Interval]  # pre-activation bounds by ReLU layer index, batch of domains first
 
@@ -133,7 +133,8 @@ class _RowSearch:
 
     def __init__(self, net: nn.Module, chain: Chain, box: Interval, threat, c: torch.Tensor, check,
                  threshold: float, batch: int, alpha_steps: int, alpha_lr: float, deadline: float,
-                 max_memory: int) -> None:
+                 max_memory: int, budget: DomainBudget | None = None) -> None:
+        self.budget = budget or DomainBudget()
         self.net, self.chain, self.box, self.threat, self.c, self.check = net, chain, box, threat, c, check
         self.threshold, self.batch, self.alpha_steps, self.alpha_lr = threshold, batch, alpha_steps, alpha_lr
         self.deadline, self.max_memory = deadline, max_memory
@@ -151,6 +152,7 @@ class _RowSearch:
     def bound(self, pre: Bounds, splits: dict[int, torch.Tensor], warm=None) -> tuple:
         D = next(iter(pre.values())).lower.shape[0]
         self.domains += D
+        self.budget.spent += D
         return _bound_domains(self.chain, self._box(D), pre, splits, self.c, self.alpha_steps, self.alpha_lr,
                               self.threshold, warm, self.deadline)
 
@@ -237,7 +239,10 @@ class _RowSearch:
         while self.heap:
             if time.monotonic() > self.deadline:
                 return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
-            popped = [heapq.heappop(self.heap) for _ in range(min(self.batch, len(self.heap)))]
+            n_pop = self.budget.pop_count(self.batch, len(self.heap))
+            if n_pop == 0:
+                return BabResult("unknown", self.heap[0][0], None, self.domains, "domain budget")
+            popped = [heapq.heappop(self.heap) for _ in range(n_pop)]
             pre, splits, layers, warm = self.children(popped)
             with torch.no_grad():
                 pre = self.tighten(pre, layers)
@@ -269,14 +274,15 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
                      check: Callable[[torch.Tensor], torch.Tensor | None], threshold: float = 0.0,
                      batch: int = 32, alpha_steps: int = 10, alpha_lr: float = 0.1,
                      dtype: torch.dtype = torch.float64, max_memory: int = DEFAULT_MAX_MEMORY,
-                     root_bounds: Sequence[Interval] | None = None) -> BabResult:
+                     root_bounds: Sequence[Interval] | None = None, max_domains: int | None = None) -> BabResult:
     """Decide ``C logits > threshold`` on the threat box around ``x`` [1, ...] (``C``: [S, K]) row by row.
 
     ``check(flat point)`` receives a candidate input (flat, ``dtype``) and returns the validated
     counterexample or ``None``. The returned ``lower`` is a proven lower bound of the smallest margin
     only when verified. ``root_bounds``: valid pre-activation bounds over the same box, one
     :class:`Interval` [1, *shape] per ReLU in forward order (as ``crown(..., return_intermediate=True)``
-    returns them); they replace the root's CROWN pass and are intersected with IBP."""
+    returns them); they replace the root's CROWN pass and are intersected with IBP. ``max_domains``: the
+    effort budget, domains bounded over all rows (None: until ``time_limit``)."""
     if x.dim() < 2 or x.shape[0] != 1:
         raise ValueError(f"x must hold one point with a batch dimension of 1, got shape {tuple(x.shape)}")
     if C.dim() != 2:
@@ -295,5 +301,6 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
         else:
             chain, box, pre = prepare(net, x, threat, None, None, "ibp", None, max_memory)
             pre = _intersect(chain, pre, root_bounds, dtype)
+    budget = DomainBudget(max_domains)
     return combine_rows((_RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr,
-                                    deadline, max_memory).run(pre) for c in C.to(dtype)), deadline)
+                                    deadline, max_memory, budget).run(pre) for c in C.to(dtype)), deadline, budget)

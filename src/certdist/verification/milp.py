@@ -179,9 +179,11 @@ def _unreliable(arrays: list[np.ndarray]) -> str:
 
 
 def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float,
-              target: float | None = None, tol: float = 0.0) -> RowResult:
-    """Minimise ``c^T logits``; stop early once a margin below ``target`` is found. The row is verified
-    when a proved bound exceeds ``tol + VERIFY_TOL``; ``lower`` is -inf unless HiGHS proved it."""
+              target: float | None = None, tol: float = 0.0, max_nodes: int | None = None) -> RowResult:
+    """Minimise ``c^T logits``; stop early once a margin below ``target`` is found, or after ``max_nodes``
+    branch-and-bound nodes (the effort budget; with one thread HiGHS is deterministic, so the verdict does
+    not depend on the machine). The row is verified when a proved bound exceeds ``tol + VERIFY_TOL``;
+    ``lower`` is -inf unless HiGHS proved it."""
     import highspy
     h = form.highs
     W, b = net.weights[-1].numpy(), net.biases[-1].numpy()
@@ -190,6 +192,7 @@ def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float
     h.changeObjectiveOffset(float(c @ b))
     h.setOptionValue("time_limit", max(float(time_limit), 1e-3))
     h.setOptionValue("objective_target", -np.inf if target is None else float(target))
+    h.setOptionValue("mip_max_nodes", int(max_nodes) if max_nodes is not None else 2**31 - 1)
     h.run()
     st = h.getModelStatus()
     info = h.getInfo()
@@ -203,10 +206,11 @@ def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float
     elif form.num_binaries == 0:
         if st == S.kOptimal and value is not None:
             lower = value
-    elif st in (S.kOptimal, S.kTimeLimit):  # the dual bound is proved
+    elif st in (S.kOptimal, S.kTimeLimit, S.kSolutionLimit):  # the dual bound is proved (node limit too)
         lower = float(info.mip_dual_bound)
         lower = lower if np.isfinite(lower) else -float("inf")
     message = form.unreliable or ("" if st in (S.kOptimal, S.kTimeLimit, S.kObjectiveTarget)
+                                  else "node limit" if st == S.kSolutionLimit
                                   else f"HiGHS status {h.modelStatusToString(st)!r}: no proved bound")
     status = "verified" if lower > tol + VERIFY_TOL else ("falsified" if value is not None and value < 0 else "unknown")
     return RowResult(status, lower, value, x, message)
@@ -215,13 +219,14 @@ def solve_row(form: Formulation, net: DenseNet, c: np.ndarray, time_limit: float
 def milp_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.Tensor,
                 lbs: list[torch.Tensor], ubs: list[torch.Tensor], time_limit: float,
                 check: Callable[[torch.Tensor], torch.Tensor | None], threads: int = 1,
-                tol: torch.Tensor | float = 0.0) -> MilpResult:
+                tol: torch.Tensor | float = 0.0, max_nodes: int | None = None) -> MilpResult:
     """Decide ``C logits > tol`` on the box (flat ``x_lo/x_hi`` [n_0], ``C`` [S, K], bounds [n_k];
     ``tol``: [S] or a number, the float32 tolerance of each row, see :mod:`certdist.verification.rounding`).
 
     ``check(x)`` takes a candidate input (flat, float64) and returns the validated counterexample
     (in the model's input shape) or ``None``; only validated points are reported as falsified. Primal
-    points with a margin below the row's tolerance are candidates too (float32 may misclassify them)."""
+    points with a margin below the row's tolerance are candidates too (float32 may misclassify them).
+    ``max_nodes``: HiGHS's node budget per row (None: until the time limit)."""
     deadline = time.monotonic() + time_limit
     form = build(net, x_lo.numpy(), x_hi.numpy(), [l.numpy() for l in lbs], [u.numpy() for u in ubs], threads)
     tols = torch.as_tensor(tol, dtype=torch.float64).expand(C.shape[0]).tolist()
@@ -232,11 +237,11 @@ def milp_verify(net: DenseNet, x_lo: torch.Tensor, x_hi: torch.Tensor, C: torch.
             res.status, res.message = "unknown", "time limit"
             res.lower = -float("inf")
             return res
-        row = solve_row(form, net, c, left, target=-VERIFY_TOL, tol=t)
+        row = solve_row(form, net, c, left, target=-VERIFY_TOL, tol=t, max_nodes=max_nodes)
         if row.status != "verified":
             cex = _candidate(row, t, check)
             if cex is None and row.status == "falsified" and form.num_binaries and deadline > time.monotonic():
-                row = solve_row(form, net, c, deadline - time.monotonic(), tol=t)  # early stop: solve fully
+                row = solve_row(form, net, c, deadline - time.monotonic(), tol=t, max_nodes=max_nodes)  # solve fully
                 cex = _candidate(row, t, check)
             if cex is not None:
                 res.status, res.counterexample = "falsified", cex
