@@ -134,7 +134,10 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     summary = certify_dataset(model, test.images.float() / 255, test.labels, ThreatModel(eps), out,
                               timeout=args.timeout, limit=args.limit, shard=shard, complete=args.complete,
                               attack_steps=args.attack_steps, restarts=args.restarts,
-                              progress=sys.stderr.isatty())  # no progress bar in logs
+                              progress=sys.stderr.isatty(),  # no progress bar in logs
+                              **{k: v for k, v in (("quick_attack_steps", args.quick_attack_steps),
+                                                   ("max_domains", args.max_domains),
+                                                   ("milp_max_nodes", args.milp_max_nodes)) if v is not None})
     print(format_summary(summary))
     print(f"per-point results: {out}")
     return 0
@@ -319,15 +322,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=_cmd_data)
 
     c = _checkpoint_parser(sub, "certify", "attack -> IBP -> CROWN -> alpha-CROWN -> BaB/MILP per test point")
-    c.add_argument("--timeout", type=float, default=10.0, help="seconds per point")
+    c.add_argument("--timeout", type=float, default=10.0,
+                   help="wall-clock cap in seconds per point (default 10); the verdicts are bounded by the effort "
+                   "budget below, so they do not depend on the machine unless a point reaches this cap (the "
+                   "summary counts them)")
     c.add_argument("--limit", type=int, help="certify the first N test points; default: all")
     c.add_argument("--shard", help="i/n: this worker's share of the points")
     c.add_argument("--complete", default="auto", choices=["auto", "chain-bab", "bab", "milp", "none"],
                    help="complete verifier for the points the bound stages leave open: auto (default: the exact "
                    "MILP when few ReLUs are unstable and the net has a dense form, else chain-bab), chain-bab "
                    "(branch and bound on the layer chain), bab (branch and bound on the dense form), milp, none")
-    c.add_argument("--attack-steps", type=int, default=100, help="PGD steps of the attack stage")
-    c.add_argument("--restarts", type=int, default=5, help="PGD restarts of the attack stage")
+    c.add_argument("--quick-attack-steps", type=int,
+                   help="PGD steps of the quick attack before any bound (default 20, 2 restarts; 0 skips it)")
+    c.add_argument("--attack-steps", type=int, default=100,
+                   help="PGD steps of the full attack on the points IBP and CROWN leave open (default 100)")
+    c.add_argument("--restarts", type=int, default=5, help="PGD restarts of the full attack (default 5)")
+    c.add_argument("--max-domains", type=int,
+                   help="effort budget of branch and bound: domains per point, all margins together (default 2000)")
+    c.add_argument("--milp-max-nodes", type=int, help="effort budget of the MILP: HiGHS nodes per margin (default 5000)")
     c.add_argument("--out", help="JSON-lines output (resumed if it exists)")
     c.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (default; cuda is refused for now: the MILP and branch-and-bound stages run on "

@@ -130,12 +130,13 @@ def test_cli_train_evaluate_and_errors(tmp_path, capsys):
 def test_table_sweep_and_plot(tmp_path, capsys):
     assert main(["sweep", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "--seeds", "0", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| synthetic | mlp | ibp | - | 0.1 | 2 seeds |" in out and "±" in out
+    assert "| synthetic | mlp | ibp | - | 0.1 | 2 | 200 |" in out and "±" in out  # seeds, then test points
     assert main(["table", str(tmp_path / "sw")]) == 0
     assert main(["train", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "seed=2", "lr=0.01"]) == 0
     capsys.readouterr()
     assert main(["table", str(tmp_path / "sw")]) == 0
-    assert "| sw | synthetic | mlp | ibp | - | 0.1 | 3 seeds (mixed settings!) |" in capsys.readouterr().out
+    out = capsys.readouterr().out  # another setting under the same name: its own row, not a third seed
+    assert "| sw (lr=0.01) | synthetic | mlp | ibp | - | 0.1 | 1 | 200 |" in out and "| 0.1 | 2 | 200 |" in out
     png = tmp_path / "c.png"
     assert main(["plot", str(tmp_path / "sw" / "seed0"), str(tmp_path / "sw" / "seed1"), "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
