@@ -1,4 +1,5 @@
-"""Result tables: collect ``results.json`` files and summarise them as mean +- std over seeds."""
+"""Result tables and plots: collect ``results.json`` files (and the certify / AutoAttack results beside them)
+and summarise them as mean +- std over the seeds of each distinct setting."""
 from __future__ import annotations
 
 import json
