@@ -134,3 +134,12 @@ def test_descriptions_round_trip_through_json():
         assert getattr(twin, "input_spec", None) == spec
     with pytest.raises(DescriptionError, match="unsupported architecture description format"):
         build_from_description({"format": "pickle"})
+
+
+def test_certdist_train_takes_a_fit_checkpoint_as_teacher(fitted, tmp_path):
+    _, path = fitted["mlp"]  # no input spec saved: the teacher is checked by its outputs, not refused
+    assert main(["train", "data.dataset=synthetic", "model.arch=mlp", "method=cc-ibp", "eps=0.1", "epochs=1",
+                 "warmup_epochs=0", "ramp_epochs=1", "lr_milestones=[]", "progress=false", "data.train_limit=128",
+                 "data.test_limit=20", "eval.pgd_steps=1", f"distill.teacher={path}", "distill.projection=true",
+                 "distill.beta=0.01", f"out_dir={tmp_path}", "name=t"]) == 0
+    assert json.loads((tmp_path / "t" / "seed0" / "results.json").read_text())["teacher"] == str(path)
