@@ -129,8 +129,9 @@ class Source:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def download(url: str, dest: Path, progress: bool = True, md5: str | None = None) -> None:
-    """Download ``url`` to ``dest`` with a progress bar, checking the length and optional MD5.
+def download(url: str, dest: Path, progress: bool | None = None, md5: str | None = None) -> None:
+    """Download ``url`` to ``dest`` with a progress bar (None: only when stderr is a terminal), checking
+    the length and optional MD5.
 
     Raises OSError (including :class:`urllib.error.URLError`) when the host cannot be reached
     and DataError for a truncated download or an MD5 mismatch.
@@ -140,7 +141,8 @@ def download(url: str, dest: Path, progress: bool = True, md5: str | None = None
     written = 0
     with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, open(dest, "wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+        with tqdm(total=total, desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024,
+                  disable=None if progress is None else not progress) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
@@ -407,7 +409,8 @@ def split_files(name: str, folder: Path, split: str) -> list[Path]:
     return _LAYOUTS[name].split_files(folder, split)
 
 
-def ensure(name: str, folder: Path, splits: Sequence[str] = SPLITS, download: bool = True, progress: bool = True) -> None:
+def ensure(name: str, folder: Path, splits: Sequence[str] = SPLITS, download: bool = True,
+           progress: bool | None = None) -> None:
     """Make sure the raw files of ``splits`` are in ``folder``, trying the sources in order.
 
     A source is asked for every file the dataset lacks (both splits), but only ``splits`` must
@@ -442,7 +445,7 @@ def ensure(name: str, folder: Path, splits: Sequence[str] = SPLITS, download: bo
     raise DataError(f"could not obtain dataset {name!r}; tried:\n{lines}\nTo place the files by hand: {layout.manual(folder)}")
 
 
-def fetch(name: str, data_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+def fetch(name: str, data_dir: str | os.PathLike[str] | None = None, progress: bool | None = None) -> Path:
     """Make sure the raw files of dataset ``name`` (both splits) are present and verified.
 
     Returns the dataset's folder ``<data_dir>/<name>``. See the module docstring for the order

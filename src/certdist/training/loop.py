@@ -298,7 +298,8 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
         counts: dict[str, int] = {}
         t0 = time.time()
         bar = tqdm(batches(epoch), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or not dd.is_main, leave=False)
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if cfg.progress and dd.is_main else True)  # None: only on a terminal
         for i, (idx, x, y) in enumerate(bar):
             ctx = step_context(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             loss, stats = compute_loss(cfg, model, x, y, ctx, teacher, idx)
@@ -342,7 +343,7 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
         lim = cfg.eval.limit
         results = evaluate(model, test[0][:lim], test[1][:lim], test_threat, cfg.eval.pgd_steps,
                            cfg.eval.pgd_restarts, cfg.eval.pgd_step_size, cfg.eval.batch_size, device,
-                           progress=cfg.progress, attack_name=cfg.eval.attack)
+                           progress=None if cfg.progress else False, attack_name=cfg.eval.attack)
     results |= info | {"method": cfg.method, "seed": cfg.seed, "config": cfg_record, "versions": ckpt.versions(),
                        "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
