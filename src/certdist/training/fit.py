@@ -28,6 +28,7 @@ class FitResult:
     run_dir: Path
     results: dict
     metrics: list[dict]
+    train_eps_reached: float | None = None   # the training eps of the last step (results["train_eps"]: asked for)
 
 
 def as_unit_batch(x: torch.Tensor, where: str = "data") -> torch.Tensor:
@@ -81,14 +82,33 @@ def _loader_batches(loader: Iterable, device: torch.device):
         yield None, as_unit_batch(x, "train_loader").to(device), torch.as_tensor(y).long().to(device)
 
 
+def loader_batch_size(loader: Iterable) -> int | None:
+    """The batch size of ``loader``: a DataLoader's ``batch_size`` (or its batch sampler's), else the
+    size of its first batch; None when it yields nothing."""
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        bs = getattr(owner, "batch_size", None)
+        if isinstance(bs, int) and bs >= 1:
+            return bs
+    for batch in (loader[:1] if isinstance(loader, (list, tuple)) else loader):
+        x, _ = _pair(batch, "train_loader")
+        return int(len(x))
+    return None
+
+
 def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: float | str = 0.1,
-        teacher: nn.Module | str | os.PathLike | None = None, epochs: int = 10, test_loader: Iterable | None = None,
-        resume: bool = False, overwrite: bool = False, **options: Any) -> FitResult:
+        teacher: nn.Module | str | os.PathLike | None = None, epochs: int | None = None,
+        test_loader: Iterable | None = None, resume: bool = False, overwrite: bool = False,
+        **options: Any) -> FitResult:
     """Train ``model`` (a :class:`~certdist.models.CertifiableNet` or an ``nn.Sequential`` ending in an
     ``nn.Linear``; inputs in [0, 1]) on ``train_loader`` (batches ``(images, labels)``, images uint8 or
     floats in [0, 1]) with the loop of ``certdist train``.
 
-    ``method``: any of :data:`certdist.config.METHODS`; ``eps``: the test eps (a number or ``"8/255"``);
+    ``method``: any of :data:`certdist.config.METHODS`; it brings its recipe (``certdist config show``
+    lists them): PGD-AT a 10-step attack of eps/4 from the first step, the certified methods a warm-up
+    epoch, an eps ramp and the expressive losses' one-step attack; options set explicitly always win.
+    ``epochs``: None for the method's 10; other values scale the recipe's warm-up, ramp and lr milestones
+    unless they are given (an explicit ramp that does not fit in ``epochs`` is refused).
+    ``eps``: the test eps (a number or ``"8/255"``);
     ``teacher``: a frozen teacher for distillation (CC-Dist with ``method="cc-ibp"``), an ``nn.Module``
     or a teacher checkpoint path. ``options``: any other key of :class:`certdist.config.RunConfig`
     (schedules, regularisers, ``lr``, ``seed``, ``name``, ``out_dir``, ``device``, ``progress``, ...), sections
@@ -96,13 +116,25 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     A checkpoint is written to ``<out_dir>/<name>/seed<seed>/last.pt`` after every epoch; ``resume=True``
     continues it exactly (with the same model and loader), ``overwrite=True`` replaces an old run.
     ``test_loader``: evaluated after every epoch (clean, IBP) and at the end (with ``eval.attack``).
+    The batch size is the loader's (recorded as ``batch_size``); a ``batch_size`` option that differs is
+    refused. The result records the training eps asked for and reached (``results["train_eps"]``,
+    ``train_eps_reached``); a schedule whose last step trains below it warns (ScheduleWarning).
     """
     for key in ("data", "model"):
         if key in options:
             raise TypeError(f"fit() takes the model and the data themselves; the config section {key!r} "
                             "applies to `certdist train` only")
     options = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # out_dir=Path(...)
-    data: dict[str, Any] = {"method": method, "eps": eps, "epochs": epochs, **options}
+    bs = loader_batch_size(train_loader)
+    if "batch_size" in options and bs is not None and options["batch_size"] != bs:
+        raise ValueError(f"batch_size={options['batch_size']!r} but train_loader yields batches of {bs}: fit() trains "
+                         f"on the loader's batches; build the DataLoader with batch_size={options['batch_size']!r} "
+                         "or leave batch_size out")
+    data: dict[str, Any] = {"method": method, "eps": eps, **options}
+    if epochs is not None:
+        data["epochs"] = epochs
+    if bs is not None:
+        data["batch_size"] = bs  # recorded as trained
     if teacher is not None:
         distill = dict(data.get("distill") or {})
         path_like = isinstance(teacher, (str, os.PathLike))
@@ -143,5 +175,8 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
                        steps_per_epoch, test, record, info, device, dd, resume)
     with (run_dir / "metrics.csv").open() as f:
         metrics = list(csv.DictReader(f))
-    return FitResult(model=model, run_dir=run_dir, results=results or {}, metrics=metrics)
+    reached = (results or {}).get("train_eps_reached")
+    if reached is None and metrics:
+        reached = float(metrics[-1]["eps"])
+    return FitResult(model=model, run_dir=run_dir, results=results or {}, metrics=metrics, train_eps_reached=reached)
 

@@ -665,7 +665,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"{'':<14}{stage:<13}{k:>7}")
     effort, secs = summary.get("effort", {}), summary.get("stage_seconds", {})
     if effort or secs:
-        order = [s for s in STAGE_ORDER if s in effort or s in secs] + sorted(set(effort) | set(secs) - set(STAGE_ORDER))
+        order = [s for s in STAGE_ORDER if s in effort or s in secs] + sorted((set(effort) | set(secs)) - set(STAGE_ORDER))
         lines += ["", f"{'stage':<13}{'unknown':>8}{'seconds':>10}  work"]
         for stage in order:
             work = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(effort.get(stage, {}).items()))
