@@ -10,17 +10,76 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
 from certdist.threats import check_eps_in_range, parse_eps
-
-METHODS = ("standard", "pgd-at", "ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
+from certdist.training.schedules import scale_schedule
 
 
 class ConfigError(ValueError):
     """An unknown key or a bad value in a configuration."""
+
+
+# ---------------------------------------------------------------------------------------------
+# training methods: one registry (as timm's models) that the config, its help and the objective read
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its name, one line of help, what the per-batch objective needs, and its recipe.
+
+    ``defaults``: the method's recipe as nested config values. They sit between the dataclass defaults
+    below and what a YAML file, a ``key=value`` override or a :func:`certdist.fit` option sets, so a run
+    that names only the method gets the method's recipe, and explicit values always win (key by key:
+    ``attack={"steps": 3}`` keeps the recipe's ``attack.step_size``). Keys the recipe leaves out take the
+    :class:`RunConfig` defaults, the shared 10-epoch recipe of the certified methods (1 warm-up epoch,
+    5 ramp epochs, lr x0.2 at epochs 8 and 9, the expressive losses' one-step training attack of 10 x eps).
+    The schedule (``warmup_epochs``, ``ramp_epochs``, ``lr_milestones``) is defined for the recipe's
+    ``epochs``; a run with other ``epochs`` gets it scaled (:func:`scale_schedule`) unless it sets it."""
+    name: str
+    help: str
+    certified: bool = False      # trains against bounds (IBP / CROWN-IBP): may distil from a teacher
+    attack: bool = False         # needs the training attack's point (the attack.* settings)
+    alpha: bool = False          # mixes the attack point's and the bound's losses with ``alpha``
+    uses_eps: bool = True        # trains at eps > 0 (after warmup_epochs, ramped over ramp_epochs)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+METHOD_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry (its name must be new); returns it."""
+    if method.name in METHOD_REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHOD_REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; a ConfigError listing the known ones otherwise."""
+    try:
+        return METHOD_REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"method: unknown method {name!r}; valid: {', '.join(METHOD_REGISTRY)}") from None
+
+
+# no bounds, no eps ramp, PyTorch's init (configs/small/*_standard.yaml and *_pgd-at-teacher.yaml)
+_UNCERTIFIED = {"warmup_epochs": 0, "ramp_epochs": 0, "reg_weight": 0.0, "model": {"init": "default"}}
+register_method(Method("standard", "cross-entropy on clean inputs", uses_eps=False, defaults=_UNCERTIFIED))
+register_method(Method("pgd-at", "PGD adversarial training (Madry et al. 2018; a teacher): 10 steps of eps/4",
+                       attack=True, defaults={**_UNCERTIFIED, "attack": {"steps": 10, "step_size": 0.25}}))
+register_method(Method("ibp", "IBP (Gowal et al. 2018)", certified=True))
+register_method(Method("crown-ibp", "CROWN-IBP (Zhang et al. 2020)", certified=True))
+register_method(Method("sabr", "SABR (Mueller et al. 2023)", certified=True, attack=True))
+register_method(Method("mtl-ibp", "MTL-IBP (De Palma et al. 2024)", certified=True, attack=True, alpha=True))
+register_method(Method("cc-ibp", "CC-IBP (De Palma et al. 2024); with distill.teacher=...: CC-Dist",
+                       certified=True, attack=True, alpha=True))
+register_method(Method("exp-ibp", "Exp-IBP (De Palma et al. 2024)", certified=True, attack=True, alpha=True))
+
+METHODS = tuple(METHOD_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -141,8 +200,9 @@ def validate(c: RunConfig) -> None:
     if c.method == "cc-dist":
         bad("method", "CC-Dist is CC-IBP with a frozen teacher: use method=cc-ibp distill.teacher=<teacher "
                       "checkpoint, e.g. runs/.../last.pt of a pgd-at run> (see configs/small/mnist_cc-dist.yaml)")
-    if c.method not in METHODS:
-        bad("method", f"unknown method {c.method!r}; valid: {', '.join(METHODS)}")
+    if c.method not in METHOD_REGISTRY:
+        bad("method", f"unknown method {c.method!r}; valid: {', '.join(METHOD_REGISTRY)}")
+    method = METHOD_REGISTRY[c.method]
     if not c.eps >= 0:
         bad("eps", f"must be >= 0, got {c.eps}")
     for k, v in (("eps", c.eps), ("eps * train_eps_mul", c.train_eps)):
@@ -158,6 +218,7 @@ def validate(c: RunConfig) -> None:
     for k in ("warmup_epochs", "ramp_epochs"):
         if getattr(c, k) < 0:
             bad(k, f"must be >= 0, got {getattr(c, k)}")
+    _check_schedule(c, method, bad)
     if not c.lr > 0:
         bad("lr", f"must be > 0, got {c.lr}")
     if c.optimizer not in ("adam", "sgd"):
@@ -195,7 +256,7 @@ def validate(c: RunConfig) -> None:
         bad("distill.beta", f"must be >= 0, got {d.beta}")
     if d.alpha is not None and not 0.0 <= d.alpha <= 1.0:
         bad("distill.alpha", f"must lie in [0, 1], got {d.alpha}")
-    if d.teacher is not None and c.method in ("standard", "pgd-at"):
+    if d.teacher is not None and not method.certified:
         bad("distill.teacher", f"distillation needs a certified method, got method={c.method!r}")
     e = c.eval
     if e.batch_size < 1 or e.pgd_steps < 0 or e.pgd_restarts < 1 or not e.pgd_step_size > 0:
@@ -226,6 +287,59 @@ def validate(c: RunConfig) -> None:
         bad("model.arch", f"unknown model {c.model.arch!r}; valid: {', '.join(sorted(MODELS))}")
     if c.model.init not in ("ibp", "default"):
         bad("model.init", f"unknown init {c.model.init!r}; valid: ibp, default")
+
+
+_SCALE_HINT = ("or leave warmup_epochs, ramp_epochs and lr_milestones out to get the method's schedule scaled to "
+               "epochs")
+
+
+def _check_schedule(c: RunConfig, method: Method, bad) -> None:
+    """Refuse a schedule that does not fit in ``epochs``: an eps ramp that would end after the last epoch
+    (the run would train at a fraction of eps and report eps) and lr milestones that never take effect."""
+    if method.uses_eps and c.train_eps > 0:
+        if c.warmup_epochs + c.ramp_epochs > c.epochs:
+            bad("warmup_epochs + ramp_epochs",
+                f"the eps ramp ends after epoch {c.warmup_epochs} + {c.ramp_epochs} = {c.warmup_epochs + c.ramp_epochs}, "
+                f"past the last epoch (epochs={c.epochs}): training would stop at a fraction of eps "
+                f"{c.train_eps:g}; shorten the ramp or raise epochs, {_SCALE_HINT}")
+        if c.warmup_epochs >= c.epochs:
+            bad("warmup_epochs", f"{c.warmup_epochs} >= epochs ({c.epochs}): method {c.method} would never train at "
+                                 f"eps > 0; lower warmup_epochs or raise epochs, {_SCALE_HINT}")
+    if any(m < 0 for m in c.lr_milestones):
+        bad("lr_milestones", f"must be >= 0 (0-indexed epochs), got {list(c.lr_milestones)}")
+    late = [m for m in c.lr_milestones if m >= c.epochs]
+    if late:
+        bad("lr_milestones", f"{', '.join(map(str, late))} >= epochs ({c.epochs}) would never take effect (0-indexed "
+                             f"epochs: the last is {c.epochs - 1}); drop them or raise epochs, {_SCALE_HINT}")
+
+
+SCHEDULE_KEYS = ("warmup_epochs", "ramp_epochs", "lr_milestones")
+
+
+def method_defaults(name: str, epochs: int | None = None) -> dict:
+    """The recipe of method ``name`` as nested config values (the :class:`RunConfig` defaults it does not
+    change included for the schedule: ``epochs``, ``warmup_epochs``, ``ramp_epochs``, ``lr_milestones``);
+    with ``epochs``, its schedule scaled to that many epochs (:func:`scale_schedule`)."""
+    m = get_method(name)
+    base = RunConfig.__dataclass_fields__
+    rec = {k: base[k].default for k in ("epochs", *SCHEDULE_KEYS)}
+    rec = _merge(rec, dict(m.defaults))
+    rec["lr_milestones"] = list(rec["lr_milestones"])
+    if epochs is not None and epochs >= 1 and epochs != rec["epochs"]:
+        w, r, ms = scale_schedule(rec["warmup_epochs"], rec["ramp_epochs"], rec["lr_milestones"], rec["epochs"], epochs)
+        rec.update(epochs=epochs, warmup_epochs=w, ramp_epochs=r, lr_milestones=list(ms))
+    return rec
+
+
+def with_method_defaults(data: dict) -> dict:
+    """``data`` (nested config values, as from YAML + overrides or :func:`certdist.fit`) over the recipe of
+    its method: what ``data`` sets wins, key by key; the recipe's schedule is scaled to ``data``'s
+    ``epochs`` when ``data`` sets them. An unknown method is left to :func:`validate`."""
+    name = data.get("method", RunConfig.__dataclass_fields__["method"].default)
+    if not isinstance(name, str) or name not in METHOD_REGISTRY:
+        return data
+    epochs = _coerce("epochs", data["epochs"], int) if "epochs" in data else None
+    return _merge(method_defaults(name, epochs), data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,11 +474,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data = loaded
     if overrides:
         data = _merge(data, parse_overrides(overrides))
-    return _from_dict(RunConfig, data)
+    return from_dict(data)
 
 
 def from_dict(data: dict) -> RunConfig:
-    return _from_dict(RunConfig, data)
+    """The config of nested ``data`` over the recipe of its method (:func:`with_method_defaults`)."""
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of config keys")
+    return _from_dict(RunConfig, with_method_defaults(data))
 
 
 def dump_yaml(cfg: RunConfig) -> str:
@@ -374,16 +491,14 @@ def dump_yaml(cfg: RunConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 # help and packaged configs (`certdist train --help`, `certdist config show|list`)
 
-METHOD_HELP = {
-    "standard": "cross-entropy on clean inputs",
-    "pgd-at": "PGD adversarial training (a teacher)",
-    "ibp": "IBP (Gowal et al. 2018)",
-    "crown-ibp": "CROWN-IBP (Zhang et al. 2020)",
-    "sabr": "SABR (Mueller et al. 2023)",
-    "mtl-ibp": "MTL-IBP (De Palma et al. 2024)",
-    "cc-ibp": "CC-IBP (De Palma et al. 2024); with distill.teacher=...: CC-Dist",
-    "exp-ibp": "Exp-IBP (De Palma et al. 2024)",
-}
+METHOD_HELP = {name: m.help for name, m in METHOD_REGISTRY.items()}
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        out += _flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else [(prefix + k, v)]
+    return out
 
 
 def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any]]:  # type: ignore[assignment]
@@ -401,7 +516,11 @@ def config_keys(cls: type = None, prefix: str = "") -> list[tuple[str, Any]]:  #
 
 def config_help() -> str:
     """The methods and every key with its default, for ``certdist train --help``."""
-    lines = ["methods (method=...):"] + [f"  {m:<10} {METHOD_HELP.get(m, '')}" for m in METHODS]
+    lines = ["methods (method=...) and their recipes (below explicit values; the schedule scales with epochs):"]
+    for name, m in METHOD_REGISTRY.items():
+        recipe = " ".join(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                          for k, v in _flat(method_defaults(name)))
+        lines += [f"  {name:<10} {m.help}", f"  {'':<10}   {recipe}"]
     lines += ["", "config keys (YAML or key=value overrides; eps may be written 8/255) and defaults:"]
     lines += [f"  {k:<26} {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
               for k, v in config_keys()]

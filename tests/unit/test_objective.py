@@ -126,3 +126,18 @@ def test_kl_on_certified_logits_distils_the_worst_case_margins():
     assert not torch.allclose(want, kl())
     with pytest.raises(ValueError, match="distill.student"):
         load_config(None, ["method=cc-ibp", "distill.loss=box", "distill.student=certified"])
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_clean_accuracy_is_counted_on_every_step(method):
+    """``clean_acc``: the batch's clean accuracy (train-mode network) at eps 0 and during the ramp alike,
+    without touching the BatchNorm running statistics."""
+    from certdist.propagation.ibp import frozen_bn_stats
+    net = random_net("conv_bn", 4, bn_train=True)
+    x, y = torch.rand(8, 3, 6, 6), torch.randint(0, 4, (8,))
+    cfg = load_config(None, [f"method={method}", "attack.steps=1"])
+    for eps in (0.0, 0.05):
+        _, stats = compute_loss(cfg, net, x, y, ctx(eps))
+        with torch.no_grad(), frozen_bn_stats(net):
+            want = (net(x).argmax(1) == y).float().mean().item()
+        assert stats["clean_acc"] == pytest.approx(want), eps

@@ -1,6 +1,6 @@
 import pytest
 
-from certdist.training.schedules import linear_decay, lr_at, smooth_eps
+from certdist.training.schedules import linear_decay, lr_at, scale_schedule, smooth_eps
 
 
 def test_smooth_eps_shape():
@@ -44,3 +44,16 @@ def test_distill_weight():
     assert [distill_weight(s, "decay", 10, 20) for s in (0, 10, 15, 20)] == [1.0, 1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="unknown beta schedule"):
         distill_weight(0, "foo", 1, 2)
+
+
+def test_scale_schedule_keeps_the_proportions_and_fits_in_the_epochs():
+    assert scale_schedule(1, 5, (8, 9), 10, 10) == (1, 5, (8, 9))
+    assert scale_schedule(1, 5, (8, 9), 10, 3) == (0, 2, (2,))
+    assert scale_schedule(1, 5, (8, 9), 10, 20) == (2, 10, (16, 18))
+    assert scale_schedule(0, 20, (50, 60), 70, 7) == (0, 2, (5, 6))
+    assert scale_schedule(0, 0, (8, 9), 10, 5) == (0, 0, (4,))  # no ramp stays none
+    for ref in (10, 70, 160):
+        for epochs in range(1, 40):
+            w, r, ms = scale_schedule(1, ref // 2, (int(0.8 * ref), int(0.9 * ref)), ref, epochs)
+            assert r >= 1 and w + r <= epochs and w < epochs
+            assert all(0 <= m < epochs for m in ms) and list(ms) == sorted(ms)

@@ -13,7 +13,7 @@ from torch import nn
 
 from certdist.attacks.pgd import pgd
 from certdist.bounds import Interval
-from certdist.config import RunConfig
+from certdist.config import METHOD_REGISTRY, RunConfig, get_method
 from certdist.losses import certified as L
 from certdist.losses.distillation import (apply_scaling, box_decomposition, default_beta, distillation_loss,
                                           point_distance_loss, scaling_statistics, soft_label_kl)
@@ -23,8 +23,20 @@ from certdist.specs import full_margin_matrix
 from certdist.threats import ThreatModel
 from certdist.training.regularizers import l1_penalty, shi_regularizer
 
-ATTACK_METHODS = ("pgd-at", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
-CERTIFIED_METHODS = ("ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")
+# read from the method registry (certdist.config.METHOD_REGISTRY)
+ATTACK_METHODS = tuple(name for name, m in METHOD_REGISTRY.items() if m.attack)
+CERTIFIED_METHODS = tuple(name for name, m in METHOD_REGISTRY.items() if m.certified)
+
+# the loss of each certified method on (logits at the attack point, lower bounds of the logit differences,
+# targets, alpha); a registered certified method without one fails loudly in compute_loss
+CERTIFIED_LOSSES = {
+    "ibp": lambda logits_adv, zd_lb, y, alpha: L.ibp_loss(zd_lb, y),
+    "crown-ibp": lambda logits_adv, zd_lb, y, alpha: L.ibp_loss(zd_lb, y),
+    "sabr": lambda logits_adv, zd_lb, y, alpha: L.ibp_loss(zd_lb, y),  # the bound of SABR's small box
+    "cc-ibp": L.cc_ibp_loss,
+    "mtl-ibp": L.mtl_ibp_loss,
+    "exp-ibp": L.exp_ibp_loss,
+}
 
 
 @dataclass(frozen=True)
@@ -81,33 +93,39 @@ def _pre_relu(layers: list[nn.Module], intervals: list[Interval]) -> list[Interv
 
 def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext,
                  teacher: Teacher | None = None, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of ``cfg.method`` on the batch ``(x, y)`` at the schedule's state ``ctx``, and its statistics:
+    ``clean_acc`` (the batch's accuracy on the clean inputs, every step), ``adv_acc`` (at the attack point),
+    ``cert`` (the IBP / CROWN-IBP-certified fraction), the loss terms and diagnostics."""
     method = cfg.method
+    spec = get_method(method)
     stats: dict[str, float] = {}
     eps = ctx.eps
     distill = teacher is not None
-    if method == "standard" or (eps == 0 and method != "pgd-at"):
+    if not spec.uses_eps or (eps == 0 and spec.certified):
         logits, feats = model.forward_with_features(x)
         loss = L.standard_loss(logits, y)
-        stats["acc"] = (logits.argmax(1) == y).float().mean().item()
+        stats["clean_acc"] = _accuracy(logits, y)
         if distill:  # the clean point is the adversarial point and its own box
             stats["cert_loss"] = loss.item()
             loss = loss + _distill_term(cfg, ctx, model, x, idx, None, feats, logits, Interval.point(feats),
                                         teacher, stats, y, None)
         return _finish(cfg, model, loss, stats)
 
-    if method == "pgd-at":
+    if not spec.certified:  # adversarial training (PGD-AT)
         with frozen_bn_stats(model):  # the attack's iterates leave no trace in the running statistics
             x_adv = attack_point(cfg, model, x, y, eps) if eps > 0 else x
         logits = model(x_adv)
-        stats["adv_acc"] = (logits.argmax(1) == y).float().mean().item()
+        stats["adv_acc"] = _accuracy(logits, y)
+        stats["clean_acc"] = stats["adv_acc"] if eps == 0 else _clean_accuracy(model, x, y)
         return _finish(cfg, model, L.standard_loss(logits, y), stats)
 
-    if method not in CERTIFIED_METHODS:
-        raise ValueError(f"unknown method {method!r}")
+    if method not in CERTIFIED_LOSSES:
+        raise ValueError(f"method {method!r} is registered as certified but has no loss in "
+                         f"certdist.training.objective.CERTIFIED_LOSSES (known: {', '.join(CERTIFIED_LOSSES)})")
     # BatchNorm running statistics come from the clean batch only (updated inside propagate);
     # the passes on adversarial points normalise with their own batch statistics but record nothing
     with frozen_bn_stats(model):
-        x_adv = attack_point(cfg, model, x, y, eps) if method in ATTACK_METHODS else None
+        x_adv = attack_point(cfg, model, x, y, eps) if spec.attack else None
     box = sabr_box(x, x_adv, eps, cfg.sabr_lambda) if method == "sabr" else ThreatModel(eps).box(x)
     layers = list(model.features)
     need_all = ctx.reg_scale > 0 and cfg.reg_weight > 0
@@ -117,7 +135,8 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
     zd_lb = linear_spec_interval(model.head, feat_box, C).lower
     if method == "crown-ibp" and ctx.crown_beta > 0:
         from certdist.propagation import crown
-        crown_lb = crown(model, x, ThreatModel(eps), C=C, intermediate="ibp", ref=x, bound_upper=False).lower
+        crown_lb = crown(model, x, ThreatModel(eps), C=C, intermediate="ibp", ref=x, bound_upper=False,
+                         batch_stats=True).lower
         zd_lb = L.mix_bounds(crown_lb, zd_lb, ctx.crown_beta)
     stats["cert"] = (zd_lb >= 0).all(dim=1).float().mean().item() if method != "sabr" else float("nan")
 
@@ -125,15 +144,9 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
     if x_adv is not None and method != "sabr":
         with frozen_bn_stats(model):
             logits_adv, feats_adv = model.forward_with_features(x_adv)
-        stats["adv_acc"] = (logits_adv.argmax(1) == y).float().mean().item()
-    if method in ("ibp", "crown-ibp", "sabr"):
-        loss = L.ibp_loss(zd_lb, y)
-    elif method == "cc-ibp":
-        loss = L.cc_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
-    elif method == "mtl-ibp":
-        loss = L.mtl_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
-    else:
-        loss = L.exp_ibp_loss(logits_adv, zd_lb, y, cfg.alpha)
+        stats["adv_acc"] = _accuracy(logits_adv, y)
+    stats["clean_acc"] = _clean_accuracy(model, x, y)
+    loss = CERTIFIED_LOSSES[method](logits_adv, zd_lb, y, cfg.alpha)
 
     stats["cert_loss"] = loss.item()
     with torch.no_grad():  # diagnostics (issue 11): the student's feature boxes and feature norms
@@ -165,7 +178,7 @@ def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_bo
     d = cfg.distill
     if ctx.dist_scale == 0:  # switched off by the beta schedule: no teacher pass
         return torch.zeros((), device=x.device)
-    alpha = d.alpha if d.alpha is not None else (cfg.alpha if cfg.method in ("cc-ibp", "mtl-ibp", "exp-ibp") else 1.0)
+    alpha = d.alpha if d.alpha is not None else (cfg.alpha if get_method(cfg.method).alpha else 1.0)
     if feats_adv is None:  # methods without an attack point: the clean point (or SABR's attack point)
         with frozen_bn_stats(model):
             logits_adv, feats_adv = model.forward_with_features(x if x_adv is None else x_adv)
@@ -196,6 +209,18 @@ def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_bo
     stats["dist"] = loss.item()
     stats["dist_weighted"] = w * stats["dist"]
     return w * loss
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The accuracy of the training network (train mode: BatchNorm normalises with the batch's statistics,
+    recording none) on the clean batch: one forward pass without autograd."""
+    with frozen_bn_stats(model):
+        return _accuracy(model(x), y)
 
 
 def _finish(cfg: RunConfig, model: nn.Module, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:

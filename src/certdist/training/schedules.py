@@ -1,6 +1,7 @@
 """Schedules as pure functions of the global step (easy to test and to plot)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 
@@ -51,3 +52,20 @@ def distill_weight(step: int, schedule: str, ramp_end: int, total_steps: int) ->
     if schedule == "decay":
         return linear_decay(step, 1.0, 0.0, ramp_end, total_steps)
     raise ValueError(f"unknown beta schedule {schedule!r}; known: constant, decay, late")
+
+
+def scale_schedule(warmup: int, ramp: int, milestones: Sequence[int], ref_epochs: int,
+                   epochs: int) -> tuple[int, int, tuple[int, ...]]:
+    """A schedule made for ``ref_epochs`` epochs, scaled to ``epochs``: every epoch count times
+    ``epochs / ref_epochs``, rounded half up; a ramp keeps at least one epoch and the warm-up is shortened
+    so that the ramp ends by the last epoch; milestones that would fall at or past the last epoch are
+    dropped (their decays would never happen). 10 -> 3 epochs: warm-up 1 -> 0, ramp 5 -> 2,
+    milestones (8, 9) -> (2,)."""
+    f = epochs / ref_epochs
+
+    def scale(v: int) -> int:
+        return int(math.floor(v * f + 0.5))
+    r = min(max(1, scale(ramp)), epochs) if ramp > 0 else 0
+    w = min(scale(warmup), max(0, epochs - max(r, 1)))
+    ms = tuple(sorted(m for m in (scale(m) for m in milestones) if m < epochs))
+    return w, r, ms
