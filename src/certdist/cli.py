@@ -417,15 +417,18 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", default="runs/tune", help="study folder: study.db, trials/, report files")
     tu.add_argument("--storage", help="Optuna storage URL (default sqlite:///<out>/study.db); share it to run "
                     "several tune processes on one study")
-    tu.add_argument("--study-name", default="tune")
+    tu.add_argument("--study-name", default="tune", help="the study's name in the storage; also prefixes the "
+                    "trial run names (default: tune)")
     tu.add_argument("--workers", type=int, default=1, help="processes running trials on the shared study")
-    tu.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"])
+    tu.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"],
+                    help="Optuna sampler (default: tpe)")
     tu.add_argument("--seed", type=int, default=0, help="sampler seed")
     tu.add_argument("--validation", type=int, help="held-out tail of the training set (default: the config's "
                     "data.validation, else a tenth of the training set, at most 5000)")
     tu.add_argument("--prune-after", type=int, help="first epoch at which a trial may be pruned (default: after "
                     "the warm-up and eps ramp)")
-    tu.add_argument("--no-prune", action="store_true")
+    tu.add_argument("--no-prune", action="store_true", help="run every trial to its last epoch (no pruning "
+                    "by the median of the finished trials)")
     tu.add_argument("--certify-front", action="store_true", help="run the full verification pipeline on the "
                     "Pareto-optimal trials (validation points)")
     tu.add_argument("--certify-timeout", type=float, default=10.0, help="seconds per point")
