@@ -16,6 +16,8 @@ from certdist.training.loop import TrainingError, train
 BASE = ["data.dataset=synthetic", "model.arch=mlp", "eps=0.1", "epochs=3", "warmup_epochs=1", "ramp_epochs=1",
         "batch_size=128", "lr=1e-3", "lr_milestones=[2]", "progress=false", "eval.pgd_steps=5",
         "data.train_limit=512", "data.test_limit=200"]
+# one- or two-epoch runs: a ramp that fits (a longer one is refused) and no lr milestone past the last epoch
+SHORT = ["warmup_epochs=0", "ramp_epochs=1", "lr_milestones=[]"]
 
 
 def cfg(tmp_path, *extra):
@@ -32,6 +34,10 @@ def test_every_method_trains(tmp_path, method):
     payload = ckpt.load_checkpoint(run / "last.pt")
     assert payload["finished"] and payload["epoch"] == 2
     assert (run / "config.yaml").exists() and (run / "metrics.csv").read_text().count("\n") == 4
+    import csv
+    rows = list(csv.DictReader((run / "metrics.csv").open()))  # the clean accuracy of every epoch, ramp included
+    assert all(0 <= float(r["train_clean_acc"]) <= 1 for r in rows)
+    assert res["train_eps_reached"] == res["train_eps"] == (0.0 if method == "standard" else 0.1)
 
 
 def test_ibp_training_certifies(tmp_path):
@@ -66,7 +72,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 
 def test_never_overwrites_silently(tmp_path):
-    c = cfg(tmp_path, "method=standard", "epochs=1")
+    c = cfg(tmp_path, "method=standard", "epochs=1", *SHORT)
     train(c)
     with pytest.raises(TrainingError, match="already holds a run"):
         train(c)
@@ -97,7 +103,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
-    run = train(cfg(tmp_path, "method=standard", "epochs=1"))
+    run = train(cfg(tmp_path, "method=standard", "epochs=1", *SHORT))
     payload = ckpt.load_checkpoint(run / "last.pt")
     from certdist.models import build_model
     other = build_model("mlp", ckpt.InputSpec(1, 8, 10, (0.3,), (0.3,)))
@@ -113,7 +119,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 def test_cli_train_evaluate_and_errors(tmp_path, capsys):
-    assert main(["train", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=cli", "epochs=1"]) == 0
+    assert main(["train", *BASE, *SHORT, f"out_dir={tmp_path}", "method=ibp", "name=cli", "epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "| synthetic | mlp | ibp |" in out
     assert main(["evaluate", "--checkpoint", str(tmp_path / "cli" / "seed0" / "last.pt"), "--limit", "100"]) == 0
@@ -128,11 +134,13 @@ def test_cli_train_evaluate_and_errors(tmp_path, capsys):
 
 
 def test_table_sweep_and_plot(tmp_path, capsys):
-    assert main(["sweep", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "--seeds", "0", "1"]) == 0
+    assert main(["sweep", *BASE, *SHORT, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "--seeds", "0",
+                 "1"]) == 0
     out = capsys.readouterr().out
     assert "| synthetic | mlp | ibp | - | 0.1 | 2 | 200 |" in out and "±" in out  # seeds, then test points
     assert main(["table", str(tmp_path / "sw")]) == 0
-    assert main(["train", *BASE, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "seed=2", "lr=0.01"]) == 0
+    assert main(["train", *BASE, *SHORT, f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1", "seed=2",
+                 "lr=0.01"]) == 0
     capsys.readouterr()
     assert main(["table", str(tmp_path / "sw")]) == 0
     out = capsys.readouterr().out  # another setting under the same name: its own row, not a third seed
@@ -143,24 +151,24 @@ def test_table_sweep_and_plot(tmp_path, capsys):
 
 
 def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path, monkeypatch):
-    kill_after_first_checkpoint(cfg(tmp_path, "method=ibp", "epochs=2"), monkeypatch)
-    with pytest.raises(TrainingError, match=r"keys differ: \['lr'\]"):
-        train(cfg(tmp_path, "method=ibp", "epochs=2", "lr=0.01"), resume=True)
-    run = train(cfg(tmp_path, "method=ibp", "epochs=2", "progress=true", "num_threads=1", "eval.limit=50"),
+    kill_after_first_checkpoint(cfg(tmp_path, "method=ibp", "epochs=2", *SHORT), monkeypatch)
+    with pytest.raises(TrainingError, match=r"resume=True \(CLI: --resume\) with a different config.*keys differ: \['lr'\]"):
+        train(cfg(tmp_path, "method=ibp", "epochs=2", *SHORT, "lr=0.01"), resume=True)
+    run = train(cfg(tmp_path, "method=ibp", "epochs=2", *SHORT, "progress=true", "num_threads=1", "eval.limit=50"),
                 resume=True)
     assert json.loads((run / "results.json").read_text())["n"] == 50  # eval settings may change on resume
 
 
 def test_sweep_refuses_to_reuse_a_run_with_other_settings(tmp_path):
     from certdist.sweep import sweep
-    sweep([None], [0], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1"])
+    sweep([None], [0], BASE + SHORT + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=1"])
     with pytest.raises(TrainingError, match=r"other settings \(keys differ: \['epochs'\]\)"):
-        sweep([None], [0], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=2"])
+        sweep([None], [0], BASE + SHORT + [f"out_dir={tmp_path}", "method=ibp", "name=sw", "epochs=2"])
 
 
 def test_parallel_sweep_splits_the_cores(tmp_path):
     from certdist.sweep import sweep
-    dirs = sweep([None], [0, 1], BASE + [f"out_dir={tmp_path}", "method=ibp", "name=par", "epochs=1"], jobs=2)
+    dirs = sweep([None], [0, 1], BASE + SHORT + [f"out_dir={tmp_path}", "method=ibp", "name=par", "epochs=1"], jobs=2)
     want = max(1, (os.cpu_count() or 1) // 2)
     assert [json.loads((d / "results.json").read_text())["config"]["num_threads"] for d in dirs] == [want, want]
 
@@ -169,7 +177,7 @@ def test_validation_split_is_held_out_and_evaluated(tmp_path, monkeypatch):
     """data.validation holds out the LAST N training images: never trained on, evaluated with eval.split."""
     from certdist import data as D
     full = D.load("synthetic", "train")
-    c = cfg(tmp_path, "method=standard", "data.validation=300", "eval.split=validation", "epochs=1",
+    c = cfg(tmp_path, "method=standard", "data.validation=300", "eval.split=validation", "epochs=1", *SHORT,
             "data.train_limit=1000")
     tr, ev = loop.load_splits(c)
     assert len(ev) == 300 and len(tr) == 1000
@@ -193,3 +201,20 @@ def test_validation_split_is_held_out_and_evaluated(tmp_path, monkeypatch):
     assert _final_point(run, rows) == (float(rows[-1]["val_clean"]), float(rows[-1]["val_ibp_cert"]))
     with pytest.raises(ValueError, match="validation: need 1 <= N < 2000"):
         D.holdout(full, 2000)
+
+
+def test_cli_refuses_a_config_whose_ramp_does_not_fit_in_epochs(tmp_path, capsys):
+    """configs/small/mnist_cc-ibp.yaml ramps eps over epochs 2-6: with epochs=3 the run would end at eps 0.046
+    of the training eps 0.2 and report eps 0.1 as if trained for it."""
+    assert main(["train", "--config", "small/mnist_cc-ibp.yaml", f"out_dir={tmp_path}", "epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "warmup_epochs + ramp_epochs" in err and "(epochs=3)" in err and "leave warmup_epochs" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_ramp_that_takes_the_last_epoch_warns_and_the_eps_reached_is_recorded(tmp_path):
+    with pytest.warns(loop.ScheduleWarning, match=r"ends at training eps 0\.\d+, \d+\.\d % of the 0\.2 asked for"):
+        run = train(cfg(tmp_path, "method=ibp", "name=short", "epochs=1", *SHORT, "train_eps_mul=2"))
+    res = json.loads((run / "results.json").read_text())
+    assert res["eps"] == 0.1 and res["train_eps"] == 0.2 and 0 < res["train_eps_reached"] < 0.2
+    assert ckpt.load_checkpoint(run / "last.pt")["results"]["train_eps_reached"] == res["train_eps_reached"]

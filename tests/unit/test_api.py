@@ -195,3 +195,71 @@ def test_certify_resumes_its_file_with_a_larger_limit(tmp_path):
     assert certdist.certify(net, (x, y), 0.01, limit=2, **quick)["n"] == 2
     assert certdist.certify(net, (x, y), 0.01, limit=4, **quick)["n"] == 4
     assert len(certdist.verification.read_records(out)) == 4
+
+
+def _blobs(n: int = 128):
+    """4 classes of 1x6x6 images around fixed prototypes, in [0, 1], and a small network for them."""
+    from torch.utils.data import TensorDataset
+    g = torch.Generator().manual_seed(0)
+    protos = torch.rand(4, 1, 6, 6, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    data = TensorDataset((protos[y] + 0.1 * torch.randn(n, 1, 6, 6, generator=g)).clamp(0, 1), y)
+    net = nn.Sequential(certdist.Normalize([0.5], [0.3]), nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 4))
+    return data, net
+
+
+def test_fit_with_only_epochs_scales_the_method_schedule_and_reaches_eps(tmp_path):
+    """fit(method="cc-ibp", eps=0.1, epochs=2) used to keep the 10-epoch ramp and stop at eps 0.003."""
+    from torch.utils.data import DataLoader
+    data, net = _blobs()
+    r = certdist.fit(net, DataLoader(data, batch_size=32), method="cc-ibp", eps=0.1, epochs=2, out_dir=tmp_path,
+                     progress=False)
+    c = r.results["config"]
+    assert (c["epochs"], c["warmup_epochs"], c["ramp_epochs"], c["lr_milestones"]) == (2, 0, 1, [])
+    assert r.train_eps_reached == pytest.approx(0.1) and r.results["train_eps"] == pytest.approx(0.1)
+    assert r.results["train_eps_reached"] == pytest.approx(0.1) and float(r.metrics[-1]["eps"]) == pytest.approx(0.1)
+    assert all(row["train_clean_acc"] not in ("", None) for row in r.metrics)  # counted during the ramp too
+    with pytest.raises(certdist.config.ConfigError, match=r"warmup_epochs \+ ramp_epochs.*epochs=2"):
+        certdist.fit(net, DataLoader(data, batch_size=32), method="cc-ibp", epochs=2, ramp_epochs=5, out_dir=tmp_path,
+                     name="long", progress=False)
+    assert not (tmp_path / "long").exists()
+
+
+def test_fit_pgd_at_is_the_10_step_recipe_unless_told_otherwise(tmp_path):
+    from torch.utils.data import DataLoader
+    data, net = _blobs(64)
+    loader = DataLoader(data, batch_size=32)
+    c = certdist.fit(net, loader, method="pgd-at", eps=0.1, epochs=1, out_dir=tmp_path, name="a",
+                     progress=False).results["config"]
+    assert (c["attack"]["steps"], c["attack"]["step_size"], c["warmup_epochs"], c["ramp_epochs"]) == (10, 0.25, 0, 0)
+    c = certdist.fit(net, loader, method="pgd-at", eps=0.1, epochs=1, out_dir=tmp_path, name="b", progress=False,
+                     attack={"steps": 2}).results["config"]
+    assert (c["attack"]["steps"], c["attack"]["step_size"]) == (2, 0.25)
+
+
+def test_fit_records_the_loaders_batch_size_and_refuses_a_different_one(tmp_path):
+    from torch.utils.data import DataLoader
+    data, net = _blobs(64)
+    with pytest.raises(ValueError, match=r"batch_size=32 but train_loader yields batches of 16"):
+        certdist.fit(net, DataLoader(data, batch_size=16), method="standard", epochs=1, batch_size=32,
+                     out_dir=tmp_path, progress=False)
+    assert not (tmp_path / "run").exists()
+    r = certdist.fit(net, DataLoader(data, batch_size=16), method="standard", epochs=1, out_dir=tmp_path,
+                     name="dl", progress=False)
+    assert r.results["config"]["batch_size"] == 16
+    batches = [(data.tensors[0][i:i + 8], data.tensors[1][i:i + 8]) for i in range(0, 64, 8)]
+    r = certdist.fit(net, batches, method="standard", epochs=1, batch_size=8, out_dir=tmp_path, name="list",
+                     progress=False)
+    assert r.results["config"]["batch_size"] == 8
+
+
+def test_fit_errors_name_the_argument_as_well_as_the_cli_flag(tmp_path):
+    from certdist.training.loop import TrainingError
+    data, net = _blobs(32)
+    batches = [(data.tensors[0], data.tensors[1])]
+    opts = dict(method="standard", epochs=1, out_dir=tmp_path, progress=False)
+    certdist.fit(net, batches, name="r", **opts)
+    with pytest.raises(TrainingError, match=r"resume=True \(CLI: --resume\).*overwrite=True \(CLI: --overwrite\)"):
+        certdist.fit(net, batches, name="r", **opts)
+    with pytest.raises(TrainingError, match=r"resume=True \(CLI: --resume\): no checkpoint"):
+        certdist.fit(net, batches, name="other", resume=True, **opts)

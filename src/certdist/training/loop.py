@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certdist import data as D
-from certdist.config import RunConfig, differing_keys, to_dict
+from certdist.config import RunConfig, differing_keys, get_method, to_dict
 from certdist.evaluation import evaluate
 from certdist.models import CertifiableNet, InputSpec, as_certifiable, build_model
 from certdist.threats import ThreatModel
@@ -40,6 +40,10 @@ RESUME_IGNORES = frozenset({"eval"})
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a run that would be overwritten, a bad teacher)."""
+
+
+class ScheduleWarning(UserWarning):
+    """The eps schedule ends below the training eps the run asks for (its last step trains at less)."""
 
 
 def resolve_device(name: str, dd: Dist | None = None) -> torch.device:
@@ -64,7 +68,7 @@ def step_context(cfg: RunConfig, step: int, steps_per_epoch: int) -> StepContext
     start = cfg.warmup_epochs * steps_per_epoch
     ramp = cfg.ramp_epochs * steps_per_epoch
     final = cfg.train_eps
-    eps = smooth_eps(step, final, start, ramp) if cfg.method != "standard" else 0.0
+    eps = smooth_eps(step, final, start, ramp) if get_method(cfg.method).uses_eps else 0.0
     in_ramp = start <= step < start + ramp
     reg_scale = (1.0 - eps / final) if (in_ramp and final > 0) else 0.0
     total = cfg.epochs * steps_per_epoch
@@ -203,14 +207,14 @@ def prepare_run_dir(cfg: RunConfig, dd: Dist, resume: bool, overwrite: bool) -> 
     run_dir = run_dir_for(cfg)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
-            raise TrainingError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                                "replace it, or choose another name=...")
+            raise TrainingError(f"{run_dir} already holds a run; pass resume=True (CLI: --resume) to continue it, "
+                                "overwrite=True (CLI: --overwrite) to replace it, or choose another name")
         dd.barrier()  # every rank has seen the old run before rank 0 removes it
         if dd.is_main:
             for f in ("last.pt", "metrics.csv", "results.json", "config.yaml"):
                 (run_dir / f).unlink(missing_ok=True)
     if resume and not (run_dir / "last.pt").exists():
-        raise TrainingError(f"--resume: no checkpoint at {run_dir / 'last.pt'}")
+        raise TrainingError(f"resume=True (CLI: --resume): no checkpoint at {run_dir / 'last.pt'}")
     dd.barrier()
     if dd.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +279,8 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
             raise TrainingError(f"{run_dir} is finished; nothing to resume (results in {run_dir / 'results.json'})")
         diff = differing_keys(payload["config"], cfg_record, RESUME_IGNORES)
         if diff:
-            raise TrainingError(f"--resume with a different config than the checkpoint's (keys differ: {diff})")
+            raise TrainingError(f"resume=True (CLI: --resume) with a different config than the checkpoint's "
+                                f"(keys differ: {diff})")
         ckpt.load_weights(module, payload["model"], source=str(last))
         opt.load_state_dict(payload["optimizer"])
         if teacher and teacher.projection is not None:
@@ -289,6 +294,10 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_record, sort_keys=False))
 
     test_threat = ThreatModel(cfg.eps)
+    eps_target = cfg.train_eps if get_method(cfg.method).uses_eps else 0.0  # standard training: eps 0
+    eps_end = final_train_eps(cfg, steps_per_epoch)
+    if eps_end < eps_target and dd.is_main:
+        warnings.warn(schedule_message(cfg, eps_end), ScheduleWarning, stacklevel=2)
     for epoch in range(start_epoch, cfg.epochs):
         lr = lr_at(epoch, cfg.lr, cfg.lr_milestones, cfg.lr_decay)
         for group in opt.param_groups:
@@ -346,6 +355,9 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
                            progress=None if cfg.progress else False, attack_name=cfg.eval.attack)
     results |= info | {"method": cfg.method, "seed": cfg.seed, "config": cfg_record, "versions": ckpt.versions(),
                        "train_time_s": round(sum(float(r["time_s"]) for r in logger.rows), 2)}
+    # the training eps the run asked for and the one its last step trained at (below: ScheduleWarning)
+    results |= {"eps": cfg.eps, "train_eps": eps_target,
+                "train_eps_reached": float(logger.rows[-1]["eps"]) if logger.rows else eps_end}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     payload = ckpt.load_checkpoint(last)
     payload["finished"] = True
@@ -355,6 +367,18 @@ def run_loop(cfg: RunConfig, run_dir: Path, model: CertifiableNet, module: nn.Mo
     return results
 
 
+def final_train_eps(cfg: RunConfig, steps_per_epoch: int) -> float:
+    """The training eps of the run's last step (the schedule's value at step ``epochs * steps_per_epoch - 1``)."""
+    return step_context(cfg, cfg.epochs * steps_per_epoch - 1, steps_per_epoch).eps
+
+
+def schedule_message(cfg: RunConfig, eps_end: float) -> str:
+    return (f"[{cfg.name}] the eps schedule ends at training eps {eps_end:.4g}, {100 * eps_end / cfg.train_eps:.1f} % "
+            f"of the {cfg.train_eps:g} asked for: the ramp (warmup_epochs={cfg.warmup_epochs}, "
+            f"ramp_epochs={cfg.ramp_epochs}) takes the run's last epoch (epochs={cfg.epochs}), so no step trains at the "
+            "full eps; raise epochs or shorten the ramp. results.json records train_eps_reached.")
+
+
 class CollapseWarning(UserWarning):
     """Training accuracy fell to chance level after the warm-up: the network has collapsed."""
 
@@ -362,7 +386,7 @@ class CollapseWarning(UserWarning):
 def _chance_accuracy(row: dict, cfg: RunConfig, num_classes: int) -> float | None:
     """The epoch's training accuracy (clean or at the attack point, the higher) when it is past the
     warm-up and at most 1.25 / num_classes; else None."""
-    accs = [row[k] for k in ("train_acc", "train_adv_acc") if row.get(k) is not None]
+    accs = [float(row[k]) for k in ("train_clean_acc", "train_acc", "train_adv_acc") if row.get(k) not in (None, "")]
     if not accs or row["epoch"] <= cfg.warmup_epochs or max(accs) > 1.25 / num_classes:
         return None
     return max(accs)
