@@ -239,11 +239,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from certdist.tune import KINDS, parse_space, tune
     config = args.config if args.config is None or "=" not in args.config else None
     items = ([args.config] if config is None and args.config else []) + args.items
+    items += args.space  # argparse gives --space every item after it: plain key=value ones are overrides
     is_space = lambda item: item.partition("=")[2].strip().partition(":")[0] in KINDS  # noqa: E731
-    bad = [s for s in args.space if "=" in s and not is_space(s)]
-    if bad:
-        raise SystemExit(f"error: --space {bad[0]!r}: expected key=kind:... with kind one of {', '.join(KINDS)}")
-    space = ([p.spec() for p in parse_space(args.space_file)] if args.space_file else []) + list(args.space)
+    space = ([p.spec() for p in parse_space(args.space_file)] if args.space_file else [])
     space += [s for s in items if "=" in s and is_space(s)]
     overrides = [s for s in items if "=" in s and not is_space(s)]
     if any("=" not in s for s in items):

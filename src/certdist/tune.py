@@ -581,8 +581,11 @@ def _plot(study, done, front_idx: list[int], objectives: Sequence[str], path: Pa
         ax.scatter(xs, ys, s=18, c="0.6", label="trials")
         fr = sorted(front_idx, key=lambda i: xs[i])
         ax.plot([xs[i] for i in fr], [ys[i] for i in fr], "o-", c="C3", drawstyle="steps-pre", label="Pareto front")
+        labels: dict[tuple, list[str]] = {}  # trials at the same point share one label
         for i in fr:
-            ax.annotate(str(done[i].number), (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            labels.setdefault((xs[i], ys[i]), []).append(str(done[i].number))
+        for xy, names in labels.items():
+            ax.annotate(",".join(names), xy, textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(f"validation {objectives[0]} accuracy (%)")
         ax.set_ylabel(f"validation {objectives[1]} accuracy (%)")
     else:
