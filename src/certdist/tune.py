@@ -532,7 +532,7 @@ def write_report(study, out: "str | os.PathLike", objectives: Sequence[str], bas
         configs.append(path)
         row = {"trial": t.number, **{o: round(v, 4) for o, v in zip(objectives, t.values)}, **t.params,
                "run_dir": t.user_attrs.get("run_dir", ""), "config": str(path)}
-        if certify_front:
+        if certify_front and row["run_dir"]:  # (a trial added by hand has no run)
             row |= _certify_trial(Path(row["run_dir"]), certify_timeout, certify_limit)
         front.append(row)
     extra = ["verified", "verify_n"] if certify_front else []

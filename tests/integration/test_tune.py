@@ -138,6 +138,8 @@ def test_bad_specs(tmp_path, capsys):
     assert "did you mean alpha" in capsys.readouterr().err
     assert main(["tune", *BASE, "--space", "lr=0.1", "--out", str(tmp_path / "x")]) == 2  # an override, no space
     assert "empty search space" in capsys.readouterr().err
+    assert main(["tune", "--space", "lr=uniform:0.1:0.2", "missing.yaml", "--out", str(tmp_path / "x")]) == 2
+    assert "config file not found: missing.yaml" in capsys.readouterr().err  # a config after --space is the config
     with pytest.raises(SystemExit, match="one config file"):
         main(["tune", "a.yaml", "b.yaml", "--space", "lr=uniform:0.1:0.2", "--out", str(tmp_path / "x")])
     with pytest.raises(TuneError, match="empty search space"):

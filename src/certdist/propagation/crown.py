@@ -40,6 +40,7 @@ from torch import nn
 from certdist.bounds import Interval, LinearBounds
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
+from certdist.models.support import check_supported
 from certdist.propagation.ibp import batchnorm_affine, needs_ref, rule_for
 from certdist.specs import margin_matrix
 
@@ -757,6 +758,7 @@ def default_spec(x: torch.Tensor, num_classes: int, C: torch.Tensor | None, y: t
 def prepare(model, x: torch.Tensor, threat, ref: torch.Tensor | None, eps: float | None, intermediate: str,
             intermediate_bounds, max_memory: int) -> tuple[Chain, Interval, dict[int, Interval]]:
     """The chain, the input box and the ReLU pre-activation bounds that every CROWN variant starts from."""
+    check_supported(model, x.shape[1:])  # the layer-support contract (crown, crown_ibp, alpha_crown, chain BaB)
     if not torch.isfinite(x).all():
         raise ValueError("input x contains NaN or inf")
     chain = build_chain(model, x, x if ref is None else ref)

@@ -17,6 +17,7 @@ from torch import nn
 from certdist.bounds import Interval
 from certdist.models.cnn import as_certifiable
 from certdist.models.layers import Normalize
+from certdist.models.support import check_supported
 
 Rule = Callable[[nn.Module, Interval, "torch.Tensor | None"], "tuple[Interval, torch.Tensor | None]"]
 IBP_RULES: dict[type, Rule] = {}
@@ -226,6 +227,7 @@ def ibp(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, eps: floa
     ``model``: a :class:`~certdist.models.CertifiableNet` or an ``nn.Sequential`` ending in an
     ``nn.Linear`` (split off as the head). With ``return_features`` the interval of the penultimate
     features is returned too."""
+    check_supported(model, x.shape[1:])  # the layer-support contract, before any work
     model = as_certifiable(model)
     box = threat.box(x, eps)
     feats = propagate(model.features, box, ref=x)

@@ -13,6 +13,7 @@ from torch import nn
 
 from certdist.config import from_dict, to_dict
 from certdist.models import as_certifiable, check_float32
+from certdist.models.support import check_supported
 from certdist.training import checkpoint as ckpt
 from certdist.training.distributed import Dist
 from certdist.training.loop import (TrainingError, check_runtime, make_teacher, prepare_run_dir, resolve_device,
@@ -142,7 +143,10 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
         data["distill"] = distill
     cfg = from_dict(data)
     check_runtime(cfg)
-    net = as_certifiable(model)  # the model's errors before a run folder is made
+    check_supported(model)  # the layer-support contract: the model's errors before a run folder is made
+    if isinstance(teacher, nn.Module):
+        check_supported(teacher)
+    net = as_certifiable(model)
     check_float32(net, "fit")
     ckpt.warn_if_not_describable(model)  # the checkpoint saves the architecture's description with the weights
     dd = Dist()
@@ -158,6 +162,7 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
             if not Path(teacher).is_file():
                 raise TrainingError(f"teacher checkpoint not found: {teacher}")
             teacher, _ = ckpt.model_from_checkpoint(teacher)
+        check_supported(teacher)
         t = make_teacher(cfg, teacher, net, device, 0, cache_ok=False,
                          train_batches=((None, x) for _, x, _ in _loader_batches(train_loader, device)))
     try:

@@ -26,6 +26,7 @@ from torch import nn
 
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
+from certdist.models.support import check_supported
 from certdist.propagation.ibp import check_fixed_batchnorm
 from certdist.threats import ThreatModel
 
@@ -66,7 +67,8 @@ def _pair(v) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-def _emit(g: _Graph, m: nn.Module) -> None:
+def _emit(g: _Graph, m: nn.Module, rank: int = 2) -> None:
+    """The nodes of layer ``m`` on an input of ``rank`` dimensions (batch included)."""
     if isinstance(m, Normalize):
         g.add("Sub", g.const("mean", _np(m.mean)))
         g.add("Div", g.const("std", _np(m.std)))
@@ -77,6 +79,10 @@ def _emit(g: _Graph, m: nn.Module) -> None:
         bias = [g.const("conv_b", _np(m.bias))] if m.bias is not None else []
         g.add("Conv", g.const("conv_w", _np(m.weight)), *bias, kernel_shape=list(m.kernel_size),
               strides=_pair(m.stride), pads=[p[0], p[1], p[0], p[1]], dilations=_pair(m.dilation), group=m.groups)
+    elif isinstance(m, nn.Linear) and rank != 2:  # on the last dimension of [N, ..., in] (Gemm is 2-D only)
+        g.add("MatMul", g.const("fc_wt", _np(m.weight).T))
+        if m.bias is not None:
+            g.add("Add", g.const("fc_b", _np(m.bias)))
     elif isinstance(m, nn.Linear):
         b = _np(m.bias) if m.bias is not None else np.zeros(m.out_features)
         g.add("Gemm", g.const("fc_w", _np(m.weight)), g.const("fc_b", b), transB=1)
@@ -121,10 +127,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
         raise RuntimeError(f"installed onnx supports opset {onnx.defs.onnx_opset_version()} < {OPSET}")
     net = copy.deepcopy(model).eval()
     shape = _full_shape(input_shape)
+    check_supported(net, shape[1:])  # the layer-support contract (of the eval-mode network), before any file
     g = _Graph()
+    a = torch.zeros(shape)
     for m in flat_layers(net):
         check_fixed_batchnorm(m)
-        _emit(g, m)
+        _emit(g, m, a.dim())
+        with torch.no_grad():
+            a = m(a)
     with torch.no_grad():
         out_shape = list(net(torch.zeros(shape)).shape)
     graph = helper.make_graph(g.nodes, "certdist", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
