@@ -7,6 +7,8 @@ The public API (docs/api.md), importable from ``certdist`` directly:
   (the full verification pipeline), :func:`certify_dataset` (on tensors, JSON lines out);
 - bounds: :func:`ibp`, :func:`crown` (full CROWN), :func:`crown_ibp`, :func:`alpha_crown`;
 - export: :func:`export_onnx`, :func:`export_benchmark` (ONNX + VNN-LIB);
+- ONNX / VNN-LIB in: :func:`load_onnx` (an ONNX file as an ``nn.Sequential``), :func:`verify_vnnlib` (one
+  ONNX + VNN-LIB instance: sat / unsat / timeout / unknown), :func:`verify_instances` (a benchmark folder);
 - :class:`ThreatModel`, :func:`as_certifiable`, :class:`Normalize`.
 
 Every entry point accepts an ``nn.Sequential`` ending in an ``nn.Linear``. The names are imported on
@@ -30,6 +32,8 @@ _LAZY = {
     "export_onnx": "certdist.verification", "export_benchmark": "certdist.verification",
     "as_certifiable": "certdist.models", "Normalize": "certdist.models", "build_model": "certdist.models",
     "tune": "certdist.tune",  # hyper-parameter search on the validation split (needs optuna)
+    "load_onnx": "certdist.interop", "verify_vnnlib": "certdist.verification.vnnlib_verify",
+    "verify_instances": "certdist.verification.vnnlib_verify",
 }
 
 __all__ = ["ThreatModel", "Interval", "LinearBounds", "__version__", *sorted(_LAZY)]

@@ -160,6 +160,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """VNN-COMP style: one ONNX + VNN-LIB instance, or a benchmark's instances.csv."""
+    from certdist.verification.vnnlib_verify import format_instances_summary, verify_instances, verify_vnnlib
+    if args.instances:
+        if args.model or args.spec:
+            raise SystemExit("error: give either MODEL.onnx SPEC.vnnlib or --instances, not both")
+        summary = verify_instances(args.instances, root=args.root, out=args.out,
+                                   **({"timeout": args.timeout} if args.timeout is not None else {}))
+        print(format_instances_summary(summary))
+        if args.out:
+            print(f"per-instance results: {args.out}")
+        return 0
+    if not (args.model and args.spec):
+        raise SystemExit("error: verify needs MODEL.onnx and SPEC.vnnlib (or --instances instances.csv)")
+    res = verify_vnnlib(args.model, args.spec, timeout=args.timeout if args.timeout is not None else 60.0)
+    text = res.format()
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(f"({res.result} by {res.stage or '-'} in {res.time_s:.2f} s{'; ' + res.message if res.message else ''})",
+          file=sys.stderr)
+    return 0
+
+
 def _cmd_table(args: argparse.Namespace) -> int:
     from certdist.reporting import collect, format_table
     rows = collect(args.runs)
@@ -240,9 +265,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     config = args.config if args.config is None or "=" not in args.config else None
     items = ([args.config] if config is None and args.config else []) + args.items
     items += args.space  # argparse gives --space every item after it: plain key=value ones are overrides
-    if config is None and sum("=" not in s for s in items) == 1:  # the config file given after --space
-        config = next(s for s in items if "=" not in s)
-        items.remove(config)
     is_space = lambda item: item.partition("=")[2].strip().partition(":")[0] in KINDS  # noqa: E731
     space = ([p.spec() for p in parse_space(args.space_file)] if args.space_file else [])
     space += [s for s in items if "=" in s and is_space(s)]
@@ -353,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=int, default=100, help="export the first N test points (default: 100; "
                    "misclassified ones are skipped)")
     x.set_defaults(fn=_cmd_export)
+
+    v = sub.add_parser("verify", help="VNN-COMP: decide an ONNX network's VNN-LIB property (sat / unsat / timeout / "
+                       "unknown), or every instance of a benchmark's instances.csv")
+    v.add_argument("model", nargs="?", help="network .onnx (or .onnx.gz)")
+    v.add_argument("spec", nargs="?", help="property .vnnlib (or .vnnlib.gz)")
+    v.add_argument("--instances", help="instances.csv (onnx,vnnlib,timeout per line) instead of MODEL SPEC")
+    v.add_argument("--root", help="folder the instances' paths are relative to (default: the csv's folder)")
+    v.add_argument("--timeout", type=float, help="seconds per instance (default 60; with --instances: the csv's)")
+    v.add_argument("--out", help="result file (the competition's format), or with --instances a results csv")
+    v.set_defaults(fn=_cmd_verify)
 
     r = sub.add_parser("table", help="summarise finished runs (results.json) as mean +- std over seeds")
     r.add_argument("runs", nargs="+", help="run folders or parent folders")
