@@ -265,6 +265,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     config = args.config if args.config is None or "=" not in args.config else None
     items = ([args.config] if config is None and args.config else []) + args.items
     items += args.space  # argparse gives --space every item after it: plain key=value ones are overrides
+    if config is None and sum("=" not in s for s in items) == 1:  # the config file given after --space
+        config = next(s for s in items if "=" not in s)
+        items.remove(config)
     is_space = lambda item: item.partition("=")[2].strip().partition(":")[0] in KINDS  # noqa: E731
     space = ([p.spec() for p in parse_space(args.space_file)] if args.space_file else [])
     space += [s for s in items if "=" in s and is_space(s)]
