@@ -248,9 +248,8 @@ def test_fit_records_the_loaders_batch_size_and_refuses_a_different_one(tmp_path
                      name="dl", progress=False)
     assert r.results["config"]["batch_size"] == 16
     batches = [(data.tensors[0][i:i + 8], data.tensors[1][i:i + 8]) for i in range(0, 64, 8)]
-    r = certdist.fit(net, batches, method="standard", epochs=1, batch_size=8, out_dir=tmp_path, name="list",
-                     progress=False)
-    assert r.results["config"]["batch_size"] == 8
+    r = certdist.fit(net, batches, method="standard", epochs=1, out_dir=tmp_path, name="list", progress=False)
+    assert r.results["config"]["batch_size"] == 8  # a list of batches: the first batch's size
 
 
 def test_fit_errors_name_the_argument_as_well_as_the_cli_flag(tmp_path):

@@ -83,17 +83,17 @@ def _loader_batches(loader: Iterable, device: torch.device):
         yield None, as_unit_batch(x, "train_loader").to(device), torch.as_tensor(y).long().to(device)
 
 
-def loader_batch_size(loader: Iterable) -> int | None:
-    """The batch size of ``loader``: a DataLoader's ``batch_size`` (or its batch sampler's), else the
-    size of its first batch; None when it yields nothing."""
+def loader_batch_size(loader: Iterable) -> tuple[int | None, bool]:
+    """The batch size of ``loader`` and whether the loader declares it: a DataLoader's ``batch_size`` (or its
+    batch sampler's), else the size of its first batch (None when it yields nothing)."""
     for owner in (loader, getattr(loader, "batch_sampler", None)):
         bs = getattr(owner, "batch_size", None)
         if isinstance(bs, int) and bs >= 1:
-            return bs
+            return bs, True
     for batch in (loader[:1] if isinstance(loader, (list, tuple)) else loader):
         x, _ = _pair(batch, "train_loader")
-        return int(len(x))
-    return None
+        return int(len(x)), False
+    return None, False
 
 
 def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: float | str = 0.1,
@@ -117,8 +117,9 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     A checkpoint is written to ``<out_dir>/<name>/seed<seed>/last.pt`` after every epoch; ``resume=True``
     continues it exactly (with the same model and loader), ``overwrite=True`` replaces an old run.
     ``test_loader``: evaluated after every epoch (clean, IBP) and at the end (with ``eval.attack``).
-    The batch size is the loader's (recorded as ``batch_size``); a ``batch_size`` option that differs is
-    refused. The result records the training eps asked for and reached (``results["train_eps"]``,
+    The batch size is the loader's (recorded as ``batch_size``: a DataLoader's, else the first batch's); a
+    ``batch_size`` option that differs from a DataLoader's is refused. The result records the training eps
+    asked for and reached (``results["train_eps"]``,
     ``train_eps_reached``); a schedule whose last step trains below it warns (ScheduleWarning).
     """
     for key in ("data", "model"):
@@ -126,8 +127,8 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
             raise TypeError(f"fit() takes the model and the data themselves; the config section {key!r} "
                             "applies to `certdist train` only")
     options = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in options.items()}  # out_dir=Path(...)
-    bs = loader_batch_size(train_loader)
-    if "batch_size" in options and bs is not None and options["batch_size"] != bs:
+    bs, declared = loader_batch_size(train_loader)
+    if "batch_size" in options and declared and options["batch_size"] != bs:
         raise ValueError(f"batch_size={options['batch_size']!r} but train_loader yields batches of {bs}: fit() trains "
                          f"on the loader's batches; build the DataLoader with batch_size={options['batch_size']!r} "
                          "or leave batch_size out")
