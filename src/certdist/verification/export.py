@@ -125,9 +125,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     from onnx import TensorProto, helper
     if OPSET > onnx.defs.onnx_opset_version():
         raise RuntimeError(f"installed onnx supports opset {onnx.defs.onnx_opset_version()} < {OPSET}")
-    net = copy.deepcopy(model).eval()
     shape = _full_shape(input_shape)
-    check_supported(net, shape[1:])  # the layer-support contract (of the eval-mode network), before any file
+    check_supported(model, shape[1:])  # the layer-support contract, before any copy or file
+    net = copy.deepcopy(model).eval()
     g = _Graph()
     a = torch.zeros(shape)
     for m in flat_layers(net):
