@@ -444,6 +444,7 @@ def export_benchmark(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if not images.is_floating_point() or images.dim() != 4:
         raise ValueError(f"images must be floats in [0, 1] shaped [N, C, H, W], got {images.dtype} "
                          f"{tuple(images.shape)} (convert uint8 images with .float() / 255)")
+    check_supported(model, tuple(images.shape[1:]))  # the layer-support contract, before any copy or file
     out = Path(out_dir)
     earlier = _earlier_export(out)
     net = copy.deepcopy(model).eval()
