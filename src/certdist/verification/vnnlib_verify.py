@@ -300,6 +300,8 @@ def _bound_stages(inst: _Instance, res: VerifyResult) -> tuple[list[Interval] | 
     from certdist.propagation.alpha import alpha_crown
     from certdist.propagation.crown import crown
     net64, box, x64 = inst.network.net64, _Box(inst.box64), inst.x64
+    if any(ok and inst.rows[d] == 0 for d, ok in enumerate(inst.open)):  # no constraints: nothing to bound
+        return None, {}
     err = fp32_error_bound(net64, inst.box64, input_slack=0.0)
     C, b, owner = inst.spec()
     with torch.no_grad():
