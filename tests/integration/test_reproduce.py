@@ -9,6 +9,7 @@ import pytest
 
 from certdist import reproduce as R
 from certdist.cli import main
+from certdist.verification.certify import CertifyConfig, read_records
 
 COMMON = """data: {dataset: synthetic, train_limit: 400}
 model: {arch: mlp}
@@ -33,12 +34,15 @@ def test_reproduce_table_end_to_end(tmp_path, monkeypatch, capsys):
                     (R.Method("CC-IBP", "student.yaml"),
                      R.Method("CC-Dist", "student.yaml", ("name=s_dist", "distill.loss=box", "distill.features=standardized"),
                               True)),
-                    seeds=(0,), certify_n=6, timeout=1.0, validation=300, note="tiny")
+                    seeds=(0,), certify_n=6, validation=300, note="tiny",
+                    certify=CertifyConfig(timeout=5.0, attack_steps=10, restarts=1, max_domains=20))
     monkeypatch.setitem(R.TABLES, "tiny", table)
     assert main(["reproduce", "tiny", "--out-dir", "runs", "--results", "res"]) == 0
     rows = json.loads((tmp_path / "res" / "tiny.json").read_text())
     assert [(r["method"], r["seed"]) for r in rows] == [("PGD-AT teacher", 0), ("CC-IBP", 0), ("CC-Dist", 0)]
     keys = {"setting", "method", "teacher", "seed", "clean", "pgd", "ibp_cert", "certified", "n"}
+    recs = read_records(next((tmp_path / "runs").rglob("certify_test6.jsonl")))
+    assert recs and all(r["settings"]["max_domains"] == 20 for r in recs)  # the table's effort budget
     for r in rows:
         assert keys <= set(r) and r["n"] == 6 and r["split"] == "test"
         assert 0 <= r["ibp_cert"] <= r["pgd"] <= r["clean"] <= 100
