@@ -299,7 +299,8 @@ def _check_schedule(c: RunConfig, method: Method, bad) -> None:
     if method.uses_eps and c.train_eps > 0:
         if c.warmup_epochs + c.ramp_epochs > c.epochs:
             bad("warmup_epochs + ramp_epochs",
-                f"the eps ramp ends after epoch {c.warmup_epochs} + {c.ramp_epochs} = {c.warmup_epochs + c.ramp_epochs}, "
+                f"the eps ramp ends after epoch {c.warmup_epochs} + {c.ramp_epochs} = "
+                f"{c.warmup_epochs + c.ramp_epochs}, "
                 f"past the last epoch (epochs={c.epochs}): training would stop at a fraction of eps "
                 f"{c.train_eps:g}; shorten the ramp or raise epochs, {_SCALE_HINT}")
         if c.warmup_epochs >= c.epochs:

@@ -152,7 +152,8 @@ def test_table_sweep_and_plot(tmp_path, capsys):
 
 def test_resume_rejects_a_changed_config_but_not_runtime_settings(tmp_path, monkeypatch):
     kill_after_first_checkpoint(cfg(tmp_path, "method=ibp", "epochs=2", *SHORT), monkeypatch)
-    with pytest.raises(TrainingError, match=r"resume=True \(CLI: --resume\) with a different config.*keys differ: \['lr'\]"):
+    with pytest.raises(TrainingError,
+                       match=r"resume=True \(CLI: --resume\) with a different config.*keys differ: \['lr'\]"):
         train(cfg(tmp_path, "method=ibp", "epochs=2", *SHORT, "lr=0.01"), resume=True)
     run = train(cfg(tmp_path, "method=ibp", "epochs=2", *SHORT, "progress=true", "num_threads=1", "eval.limit=50"),
                 resume=True)

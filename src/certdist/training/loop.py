@@ -375,8 +375,8 @@ def final_train_eps(cfg: RunConfig, steps_per_epoch: int) -> float:
 def schedule_message(cfg: RunConfig, eps_end: float) -> str:
     return (f"[{cfg.name}] the eps schedule ends at training eps {eps_end:.4g}, {100 * eps_end / cfg.train_eps:.1f} % "
             f"of the {cfg.train_eps:g} asked for: the ramp (warmup_epochs={cfg.warmup_epochs}, "
-            f"ramp_epochs={cfg.ramp_epochs}) takes the run's last epoch (epochs={cfg.epochs}), so no step trains at the "
-            "full eps; raise epochs or shorten the ramp. results.json records train_eps_reached.")
+            f"ramp_epochs={cfg.ramp_epochs}) takes the run's last epoch (epochs={cfg.epochs}), so no step trains at "
+            "the full eps; raise epochs or shorten the ramp. results.json records train_eps_reached.")
 
 
 class CollapseWarning(UserWarning):
