@@ -170,3 +170,147 @@ def test_no_wrong_verified_on_random_networks_near_the_robust_radius():
     elapsed = time.monotonic() - start
     print(f"{NUM_NETS} networks in {elapsed:.1f} s: {counts} {stages}")
     assert counts["verified"] >= 30 and counts["falsified"] >= 30, (counts, stages)
+
+
+# --- random architectures: IBP / CROWN / alpha-CROWN bounds against samples and corners (fast) --------
+
+NUM_ARCHS = 24
+
+
+def _r(g: torch.Generator, lo: int, hi: int) -> int:
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def _random_arch(k: int, g: torch.Generator) -> tuple[nn.Sequential, tuple[int, int, int]]:
+    """A random chain of the contract's layers: non-square inputs and kernels, strides, dilation, padding,
+    eval-mode BatchNorm1d/2d, the supported AvgPool2d variants, Linear on non-flat inputs, 2-4 classes."""
+    c, h, w = _r(g, 1, 2), _r(g, 3, 6), _r(g, 3, 6)
+    layers: list[nn.Module] = []
+    if _r(g, 0, 1):
+        layers.append(Normalize(torch.rand(c, generator=g).tolist(), (torch.rand(c, generator=g) + 0.2).tolist()))
+    shape = (c, h, w)
+    if k % 3 != 2:  # a convolutional part
+        kh, kw = _r(g, 1, min(3, h)), _r(g, 1, min(3, w))
+        d = 2 if (_r(g, 0, 3) == 0 and 2 * (kh - 1) + 1 <= h and 2 * (kw - 1) + 1 <= w) else 1
+        st = (_r(g, 1, 2), _r(g, 1, 2))
+        pad = (_r(g, 0, kh // 2), _r(g, 0, kw // 2))
+        o = _r(g, 2, 3)
+        layers.append(nn.Conv2d(c, o, (kh, kw), stride=st, padding=pad, dilation=d, bias=bool(_r(g, 0, 3))))
+        shape = (o, (h + 2 * pad[0] - d * (kh - 1) - 1) // st[0] + 1, (w + 2 * pad[1] - d * (kw - 1) - 1) // st[1] + 1)
+        if _r(g, 0, 1):
+            layers.append(nn.BatchNorm2d(o))
+        layers.append(nn.ReLU())
+        ph, pw = min(2, shape[1]), min(2, shape[2])
+        variant = _r(g, 0, 3)
+        if variant == 1 and ph * pw > 1:  # plain, possibly non-square
+            layers.append(nn.AvgPool2d((ph, pw), stride=(_r(g, 1, 2), _r(g, 1, 2))))
+        elif variant == 2 and shape[1] >= 3 and shape[2] >= 3:  # padding, counted (count_include_pad=True)
+            layers.append(nn.AvgPool2d(3, stride=_r(g, 1, 2), padding=1))
+        elif variant == 3 and ph * pw > 1:  # count_include_pad=False without padding
+            layers.append(nn.AvgPool2d((ph, pw), count_include_pad=False))
+        if variant and layers[-1].__class__ is nn.AvgPool2d:
+            m = layers[-1]
+            kk, ss, pp = m.kernel_size, m.stride, m.padding
+            kk, ss, pp = [(v, v) if isinstance(v, int) else tuple(v) for v in (kk, ss, pp)]
+            shape = (shape[0], *((shape[1 + i] + 2 * pp[i] - kk[i]) // ss[i] + 1 for i in range(2)))
+    if _r(g, 0, 1):  # Linear on the non-flat [C, H, W] activation: acts on the last dimension
+        out = _r(g, 2, 4)
+        layers += [nn.Linear(shape[2], out), nn.ReLU()]
+        shape = (*shape[:2], out)
+    layers.append(nn.Flatten())
+    n = shape[0] * shape[1] * shape[2]
+    for _ in range(_r(g, 1, 2)):
+        width = _r(g, 3, 8)
+        layers.append(nn.Linear(n, width))
+        if _r(g, 0, 1):
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
+        n = width
+    layers.append(nn.Linear(n, _r(g, 2, 4)))
+    net = nn.Sequential(*layers)
+    randomize_(net, g, 0.8, var_min=0.3)
+    return net.eval(), (c, h, w)
+
+
+def _first_mixing(net: nn.Sequential) -> int:
+    return next(i for i, m in enumerate(net) if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+@torch.no_grad()
+def _corner_units(net: nn.Sequential, box, g: torch.Generator, margin: float) -> torch.Tensor:
+    """Make some units of the first mixing layer dead except near one corner of ``box``: their bias is
+    lowered until their maximum over the box (IBP is exact for one affine layer) is ``margin``. Returns
+    those corners (one per adjusted unit and sample), where the units are active."""
+    from certdist.propagation.ibp import propagate
+    i = _first_mixing(net)
+    m = net[i]
+    prefix = list(net)[:i + 1]
+    corners = []
+    for b in range(box.lower.shape[0]):
+        sub = type(box)(box.lower[b:b + 1], box.upper[b:b + 1])
+        up = propagate(prefix, sub).upper[0]  # [out, ...]
+        unit = int(torch.randint(0, m.out_features if isinstance(m, nn.Linear) else m.out_channels, (1,), generator=g))
+        peak = up[..., unit] if isinstance(m, nn.Linear) else up[unit]
+        if m.bias is None or b > 0:
+            pos = torch.nonzero(peak == peak.max())[0].tolist()
+        else:
+            m.bias[unit] -= float(peak.max()) - margin
+            up = propagate(prefix, sub).upper[0]
+            peak = up[..., unit] if isinstance(m, nn.Linear) else up[unit]
+            pos = torch.nonzero(peak == peak.max())[0].tolist()
+        with torch.enable_grad():  # the maximising corner: the sign pattern of the unit's gradient
+            x = ((sub.lower + sub.upper) / 2).clone().requires_grad_()
+            out = torch.nn.Sequential(*prefix)(x)[0]
+            sel = out[(Ellipsis, *pos[:-1], unit)] if isinstance(m, nn.Linear) and out.dim() > 1 else (
+                out[unit] if isinstance(m, nn.Linear) else out[(unit, *pos)])
+            if sel.dim():
+                sel = sel.flatten()[0]
+            (grad,) = torch.autograd.grad(sel, x)
+        corners.append(torch.where(grad >= 0, sub.upper, sub.lower))
+    return torch.cat(corners)
+
+
+def test_random_architectures_bounds_contain_samples_and_corners():
+    """IBP, CROWN (full, best), CROWN-IBP and alpha-CROWN on random architectures of the contract's layers,
+    with units dead except in a corner of the box and activations scaled up to ~1e8: every bound contains
+    the network's outputs at sampled points, random corners and the corners that wake those units."""
+    from certdist.models.support import check_supported
+    from certdist.propagation import alpha_crown, crown, crown_ibp, ibp
+    from conftest import sample_box
+    g = torch.Generator().manual_seed(7)
+    start = time.monotonic()
+    woken = 0
+    for k in range(NUM_ARCHS):
+        net, shape = _random_arch(k, g)
+        check_supported(net, shape)
+        net = net.double()
+        scale = 10.0 ** [0, 2, 4, 8][k % 4]  # the first mixing layer's weights: activations up to ~1e8
+        with torch.no_grad():
+            net[_first_mixing(net)].weight.mul_(scale)
+            if net[_first_mixing(net)].bias is not None:
+                net[_first_mixing(net)].bias.mul_(scale)
+        x = torch.rand(2, *shape, generator=g, dtype=torch.float64)
+        x[:, :, 0, 0] = 0.0  # pixels at the ends of the data range
+        x[:, :, -1, -1] = 1.0
+        threat = ThreatModel([0.02, 0.1, 0.3][k % 3])
+        box = threat.box(x)
+        corners = _corner_units(net, box, g, margin=1e-3 * scale)
+        bounds = {"ibp": ibp(net, x, threat), "crown": crown(net, x, threat),
+                  "crown-best": crown(net, x, threat, intermediate="best"), "crown-ibp": crown_ibp(net, x, threat),
+                  "alpha-crown": alpha_crown(net, x, threat, iterations=3, lr=0.3)}
+        for b in range(2):
+            pts = torch.cat([sample_box(box.lower[b], box.upper[b], 200, seed=k), corners[b:b + 1]])
+            with torch.no_grad():
+                out = net(pts)
+                first = torch.nn.Sequential(*list(net)[:_first_mixing(net) + 1])(corners[b:b + 1])
+            woken += int((first > 0).any())
+            for name, iv in bounds.items():
+                lo, up = iv.lower[b], iv.upper[b]
+                assert torch.isfinite(lo).all() and torch.isfinite(up).all(), (k, name)
+                tol = 1e-9 * (1 + torch.maximum(lo.abs(), up.abs()))
+                assert (out >= lo - tol).all(), (k, name, net, float((lo - out).max()))
+                assert (out <= up + tol).all(), (k, name, net, float((out - up).max()))
+        tol = 1e-9 * (1 + bounds["crown"].lower.abs())  # alpha-CROWN starts from CROWN's slopes: never looser
+        assert (bounds["alpha-crown"].lower >= bounds["crown"].lower - tol).all(), k
+    assert woken >= NUM_ARCHS, woken  # the corner units are awake at their corners (the check can fail)
+    assert time.monotonic() - start < 60
