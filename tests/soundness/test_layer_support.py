@@ -298,12 +298,9 @@ CHECKS: dict[str, Callable[[Case, object], None]] = {
     "chain-bab": _chain_bab,
     "onnx": _onnx,
 }
-# Known gaps, each with its reason (strict=False: XPASS once fixed; then delete the entry).
-_LINEAR_BIAS = ("CROWN's nn.Linear rule on non-flat inputs did not sum the bias over the leading positions "
-                "(fix in flight in propagation/crown.py, _linear_bias); remove once it is committed")
-XFAIL: dict[tuple[str, str], str] = {
-    (f"Linear-{name}", alg): _LINEAR_BIAS
-    for name in ("on-chw", "on-ld-no-bias") for alg in ("crown", "crown-ibp", "alpha-crown", "chain-bab")}
+# Known gaps, each with its reason (strict=False: XPASS once fixed; then delete the entry). Empty: the CROWN
+# nn.Linear rule on non-flat inputs (bias summed over the leading positions) is fixed.
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def test_every_contract_entry_has_a_configuration_and_every_algorithm_a_check():
