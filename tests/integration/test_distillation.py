@@ -111,7 +111,7 @@ def test_scale_free_targets_use_teacher_training_statistics(tmp_path, teachers, 
     seen = {}
     real = loop.load_teacher
     monkeypatch.setattr(loop, "load_teacher", lambda *a, **k: seen.setdefault("t", real(*a, **k)))
-    train(student(tmp_path, teachers["mlp"], "distill.features=standardized", "epochs=1"))
+    train(student(tmp_path, teachers["mlp"], "distill.features=standardized", "epochs=1", "warmup_epochs=0"))
     t = seen["t"]
     assert t.cached.all()
     z = (t.cache - t.shift) / t.scale
