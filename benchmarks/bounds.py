@@ -70,7 +70,8 @@ def run_cell(model_name: str, method: str, batch: int, alpha_iters: int, device:
     def call(x, C):
         if method == "crown_ibp_train":
             model.train()
-            out = crown(model, x, threat, C=C, intermediate="ibp", bound_upper=False, max_memory=max_memory)
+            out = crown(model, x, threat, C=C, intermediate="ibp", bound_upper=False, max_memory=max_memory,
+                        batch_stats=True)  # the training step: batch statistics
             loss = torch.nn.functional.softplus(-out.lower).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)

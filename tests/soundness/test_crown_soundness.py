@@ -47,7 +47,8 @@ def test_bounds_contain_samples_and_corners(kind, bn_train, seed):
     threat = ThreatModel([0.03, 0.15][seed])
     K = net.num_classes
     with torch.no_grad():
-        results = {name: (run(net, x, threat), run(net, x, threat, y=y)) for name, run in METHODS.items()}
+        results = {name: (run(net, x, threat, batch_stats=bn_train), run(net, x, threat, y=y, batch_stats=bn_train))
+                   for name, run in METHODS.items()}
     box = threat.box(x)
     for i in range(x.shape[0]):
         pts = sample_box(box.lower[i], box.upper[i], 1000, seed=i)
@@ -70,7 +71,7 @@ def test_split_constraints_from_branch_and_bound_are_sound(kind, bn_train):
     net, x, y, oracle = _setup(kind, bn_train, seed=3, n=3)
     threat = ThreatModel(0.2)
     with torch.no_grad():
-        _, pre = crown(net, x, threat, intermediate="crown", return_intermediate=True)
+        _, pre = crown(net, x, threat, intermediate="crown", return_intermediate=True, batch_stats=bn_train)
     first = pre[0]
     unstable = ((first.lower < 0) & (first.upper > 0)).flatten(1)
     assert unstable.any(), "test needs an unstable neuron"
@@ -85,8 +86,9 @@ def test_split_constraints_from_branch_and_bound_are_sound(kind, bn_train):
             up[rows, j] = torch.where(unstable[rows, j], torch.zeros_like(up[rows, j]), up[rows, j])
         given = [Interval(lo.view_as(first.lower), up.view_as(first.upper))] + [None] * (len(pre) - 1)
         with torch.no_grad():
-            out = crown(net, x, threat, y=y, intermediate="crown", intermediate_bounds=given)
-            out_a = alpha_crown(net, x, threat, y=y, iterations=3, intermediate_bounds=given)
+            out = crown(net, x, threat, y=y, intermediate="crown", intermediate_bounds=given, batch_stats=bn_train)
+            out_a = alpha_crown(net, x, threat, y=y, iterations=3, intermediate_bounds=given,
+                                batch_stats=bn_train)
         for i in range(x.shape[0]):
             pts = sample_box(box.lower[i], box.upper[i], 3000, seed=i)
             with torch.no_grad():

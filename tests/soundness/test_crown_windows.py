@@ -96,7 +96,7 @@ def test_windows_are_differentiable_like_the_dense_path(monkeypatch):
     def grads():
         net.zero_grad()
         out = crown_mod.crown(net, x, ThreatModel(0.05), y=torch.tensor([0, 1, 2]), intermediate="crown",
-                              bound_upper=False)
+                              bound_upper=False, batch_stats=True)
         out.lower.sum().backward()
         return [p.grad.clone() for p in net.parameters()]
 

@@ -26,8 +26,8 @@ def test_ibp_contains_samples_and_corners(kind, bn_train, seed):
     eps = [0.01, 0.05, 0.2][seed]
     threat = ThreatModel(eps)
     with torch.no_grad():
-        out = ibp(net, batch, threat)
-        margins = ibp(net, batch, threat, C=margin_matrix(y, spec.num_classes))
+        out = ibp(net, batch, threat, batch_stats=bn_train)
+        margins = ibp(net, batch, threat, C=margin_matrix(y, spec.num_classes), batch_stats=bn_train)
     oracle = frozen_batch_stats_copy(net, batch) if bn_train else net.eval()
     box = threat.box(batch)
     for i in range(batch.shape[0]):

@@ -157,8 +157,8 @@ def test_batchnorm_without_running_statistics_is_refused_everywhere(tmp_path):
         with pytest.raises(ValueError, match="track_running_stats=False"):
             call()
     assert not (tmp_path / "r.jsonl").exists() or not read_records(tmp_path / "r.jsonl")
-    net.train()  # training bounds with batch statistics stay available
-    ibp(net, torch.rand(4, 2, 1, 1), threat)
+    net.train()  # training bounds with batch statistics stay available (asked for explicitly)
+    ibp(net, torch.rand(4, 2, 1, 1), threat, batch_stats=True)
 
 
 # --- case 4: HiGHS failures are not proofs --------------------------------------------------------

@@ -162,8 +162,8 @@ def test_alpha_crown_never_looser_than_crown(kind, bn_train):
         y = torch.randint(0, spec.num_classes, (4,), generator=g)
         threat = ThreatModel(0.1)
         with torch.no_grad():
-            ref, pre = crown(net, x, threat, y=y, intermediate="crown", return_intermediate=True)
-            opt = alpha_crown(net, x, threat, y=y, iterations=8, intermediate_bounds=pre)
+            ref, pre = crown(net, x, threat, y=y, intermediate="crown", return_intermediate=True, batch_stats=bn_train)
+            opt = alpha_crown(net, x, threat, y=y, iterations=8, intermediate_bounds=pre, batch_stats=bn_train)
         assert (opt.lower >= ref.lower - 1e-6).all() and (opt.upper <= ref.upper + 1e-6).all()
 
 
@@ -176,7 +176,7 @@ def test_train_mode_batchnorm_uses_the_clean_batch_statistics():
     threat = ThreatModel(0.05)
     with torch.no_grad():
         for mode in ("ibp", "crown"):
-            a = crown(net, x[:2], threat, ref=x, intermediate=mode)
+            a = crown(net, x[:2], threat, ref=x, intermediate=mode, batch_stats=True)
             b = crown(twin, x[:2], threat, intermediate=mode)
             torch.testing.assert_close(a.lower, b.lower, atol=ATOL, rtol=1e-5)
             torch.testing.assert_close(a.upper, b.upper, atol=ATOL, rtol=1e-5)
@@ -254,7 +254,7 @@ def test_gradients_flow_through_crown_ibp(bn_train):
     net = random_net("conv_bn", 0, bn_train=bn_train)
     x = torch.rand(4, 3, 6, 6)
     y = torch.tensor([0, 1, 2, 3])
-    out = crown_ibp(net, x, ThreatModel(0.05), y=y, bound_upper=False)
+    out = crown_ibp(net, x, ThreatModel(0.05), y=y, bound_upper=False, batch_stats=bn_train)
     loss = nn.functional.cross_entropy(torch.cat([torch.zeros(4, 1), -out.lower], 1), torch.zeros(4, dtype=torch.long))
     loss.backward()
     for name, p in net.named_parameters():

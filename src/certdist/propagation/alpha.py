@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from certdist.bounds import Interval
+from certdist.propagation.ibp import check_bound_inputs
 from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, _chunks, _slice_pre, backward, default_spec,
                                         prepare, relu_relaxation)
 
@@ -27,13 +28,16 @@ def alpha_crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y
                 iterations: int = 20, lr: float = 0.1, intermediate: str = "crown", ref: torch.Tensor | None = None,
                 intermediate_bounds: Sequence[Interval | None] | None = None, bound_lower: bool = True,
                 bound_upper: bool = True, lr_decay: float = 0.98, eps: float | None = None,
-                return_intermediate: bool = False, max_memory: int = DEFAULT_MAX_MEMORY):
+                return_intermediate: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, batch_stats: bool = False):
     """alpha-CROWN bounds of ``C z`` over the threat model's box around ``x``: an :class:`Interval`
     [B, S] (detached; a side not asked for is -inf / +inf).
 
     ``C`` / ``y`` as in :func:`certdist.propagation.crown.crown`; ``iterations`` Adam steps with learning
     rate ``lr`` (multiplied by ``lr_decay`` after each step). Works under ``torch.no_grad`` and
-    ``torch.inference_mode``: the optimisation runs on copies of the inputs."""
+    ``torch.inference_mode``: the optimisation runs on copies of the inputs. A network with BatchNorm in
+    training mode is refused unless ``batch_stats``, and so is an ``x`` outside the threat model's data
+    range (:func:`~certdist.propagation.ibp.check_bound_inputs`)."""
+    check_bound_inputs(model, x, threat, batch_stats)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     if not (bound_lower or bound_upper):

@@ -41,7 +41,7 @@ from certdist.bounds import Interval, LinearBounds
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
 from certdist.models.support import check_supported
-from certdist.propagation.ibp import batchnorm_affine, needs_ref, rule_for
+from certdist.propagation.ibp import batchnorm_affine, check_bound_inputs, needs_ref, rule_for
 from certdist.specs import margin_matrix
 
 INTERMEDIATE_MODES = ("ibp", "crown", "best")
@@ -118,7 +118,6 @@ def _dot(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (A.flatten(2) @ v.flatten(1).unsqueeze(-1)).squeeze(-1)
 
 
-@register(nn.Linear)
 def _linear_bias(A: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``sum(A * bias)`` over every non-(b, s) dimension: [b, s]. On an input with more than one
     per-sample dimension ([N, C, H, W], [N, L, D]) ``nn.Linear`` acts on the last one and adds its bias
@@ -128,6 +127,7 @@ def _linear_bias(A: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return A @ bias
 
 
+@register(nn.Linear)
 def _linear(m: nn.Linear, lin: LinearBounds, ctx: LayerContext) -> LinearBounds:
     bias = None if m.bias is None else (lambda A: _linear_bias(A, m.bias))
     return _affine_rule(lin, lambda A: A @ m.weight, bias)
@@ -771,16 +771,20 @@ def crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y: torc
           intermediate: str = "crown", ref: torch.Tensor | None = None, return_intermediate: bool = False,
           bound_lower: bool = True, bound_upper: bool = True,
           intermediate_bounds: Sequence[Interval | None] | None = None, eps: float | None = None,
-          max_memory: int = DEFAULT_MAX_MEMORY):
+          max_memory: int = DEFAULT_MAX_MEMORY, batch_stats: bool = False):
     """CROWN bounds of ``C z`` over the threat model's box around ``x``: an :class:`Interval` [B, S].
 
     ``C`` defaults to the margins of ``y`` (rows ``e_y - e_j``, ``j != y``) or, without ``y``, the
     identity (logit bounds). ``intermediate``: ``"crown"`` (default: full CROWN, auto_LiRPA's
     ``method="CROWN"``), ``"best"`` or ``"ibp"`` (CROWN-IBP; see :func:`crown_ibp` and the module docstring). A side not asked for is ``-inf`` / ``+inf``. With ``return_intermediate`` returns
     ``(bounds, pre_activation_bounds)``, the latter a list with one :class:`Interval` per ReLU in forward
-    order. Differentiable (for training with CROWN-IBP)."""
+    order. Differentiable (for training with CROWN-IBP). ``batch_stats``: accept a network with BatchNorm
+    in training mode (batch statistics of ``ref``, for training); without it such a network is refused, and
+    so is an ``x`` outside the threat model's data range
+    (:func:`~certdist.propagation.ibp.check_bound_inputs`)."""
     if not (bound_lower or bound_upper):
         raise ValueError("at least one of bound_lower / bound_upper must be True")
+    check_bound_inputs(model, x, threat, batch_stats)
     chain, box, pre = prepare(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory)
     C = default_spec(x, chain.shapes[-1][0], C, y)
     out = bound_spec(chain, len(chain.layers), lambda bs, ss: C[bs, ss], C.shape[1], box, pre,

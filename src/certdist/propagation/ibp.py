@@ -219,15 +219,51 @@ def linear_spec_interval(head: nn.Linear, inp: Interval, C: torch.Tensor) -> Int
     return Interval(c - r, c + r)
 
 
+def check_bound_inputs(model: nn.Module, x: torch.Tensor, threat, batch_stats: bool) -> None:
+    """What every public bound function (:func:`ibp`, ``crown``, ``crown_ibp``, ``alpha_crown``) refuses
+    before any work, with a ValueError naming the problem:
+
+    - ``x`` outside the threat model's data range ``[data_min, data_max]``: the box
+      ``clip(x +- eps, data_min, data_max)`` would not contain ``x`` itself, so the bounds would not hold
+      at the clean input (typically data normalised outside the model);
+    - a network with BatchNorm in training mode unless ``batch_stats``: its bounds would use the
+      statistics of this batch, while evaluation and ``certify`` verify the eval-mode network (running
+      statistics). The training losses pass ``batch_stats=True`` (the certified-training convention)."""
+    if not torch.isfinite(x).all():
+        raise ValueError("input x contains NaN or inf")
+    lo, hi = getattr(threat, "data_min", None), getattr(threat, "data_max", None)
+    if lo is not None and hi is not None and x.numel():
+        x_min, x_max = float(x.min()), float(x.max())
+        if not (x_min >= lo and x_max <= hi):  # NaN fails too
+            raise ValueError(
+                f"input x has values in [{x_min:g}, {x_max:g}], outside the threat model's data range "
+                f"[{lo:g}, {hi:g}]: the box clip(x +- eps, {lo:g}, {hi:g}) would not contain x, so no bound "
+                "over it holds at x. Give x in the data's units (e.g. images in [0, 1]) and put the "
+                "normalisation inside the model (certdist.models.Normalize), or set the ThreatModel's "
+                "data_min/data_max to the range of x")
+    if not batch_stats:
+        train_bn = [type(m).__name__ for m in model.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if train_bn:
+            raise ValueError(
+                f"the network has {len(train_bn)} BatchNorm layer(s) in training mode ({train_bn[0]}, ...): "
+                "their bounds would use the statistics of this batch, not the running statistics of the "
+                "eval-mode network that evaluation and certify verify; call model.eval(), or pass "
+                "batch_stats=True for training bounds (batch statistics, as in certified training)")
+
+
 def ibp(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, eps: float | None = None,
-        return_features: bool = False):
+        return_features: bool = False, batch_stats: bool = False):
     """IBP bounds of the model's outputs (or of ``C z`` when a specification is given) over the
-    threat model's box around ``x``. BatchNorm in training mode takes its statistics from ``x``.
+    threat model's box around ``x``. A network with BatchNorm in training mode is refused unless
+    ``batch_stats`` (then those layers take their statistics from ``x``), and so is an ``x`` outside the
+    threat model's data range (:func:`check_bound_inputs`).
 
     ``model``: a :class:`~certdist.models.CertifiableNet` or an ``nn.Sequential`` ending in an
     ``nn.Linear`` (split off as the head). With ``return_features`` the interval of the penultimate
     features is returned too."""
     check_supported(model, x.shape[1:])  # the layer-support contract, before any work
+    check_bound_inputs(model, x, threat, batch_stats)
     model = as_certifiable(model)
     box = threat.box(x, eps)
     feats = propagate(model.features, box, ref=x)
