@@ -711,8 +711,9 @@ def merge(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
 # .4: float32 tolerance from CROWN's activation ranges once the CROWN stage ran; .5: the CROWN stage's
 # intermediate bounds are "best" (CROWN where IBP leaves neurons unstable, intersected with IBP).
 # 2026.12.1: the effort-budget schedule (quick attack, IBP + CROWN, full attack, alpha-CROWN, complete
-# stage with a domain / node budget).
-VERIFIER_VERSION = "2026.12.1"
+# stage with a domain / node budget). .2: CROWN sums nn.Linear's bias over the positions of a non-flat
+# input; dense BaB never drops a domain as empty on bounds crossed by rounding.
+VERIFIER_VERSION = "2026.12.2"
 FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings", "verifier")
 
 
