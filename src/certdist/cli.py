@@ -25,9 +25,18 @@ def _load_checkpoint_and_test(args: argparse.Namespace, limit: int | None = None
     """The checkpoint's eval-mode model, its saved config, the dataset name and eps (from the
     arguments, else the config) and the test split, checked to fit the model."""
     from certdist import data as D
-    from certdist.training.checkpoint import model_from_checkpoint
+    from certdist.training.checkpoint import is_onnx_path, load_model, model_from_checkpoint
     if getattr(args, "limit", None) is not None and args.limit < 1:
         raise SystemExit(f"error: --limit must be >= 1 (leave it out for the whole test set), got {args.limit}")
+    if is_onnx_path(args.checkpoint):  # someone else's network: --dataset and --eps given, the input fitted
+        cfg: dict = {}
+        dataset, eps = _dataset_and_eps(args, cfg, {"onnx": str(args.checkpoint)})
+        info = D.dataset_info(dataset)
+        model = load_model(args.checkpoint, input_shape=(info.channels, info.size, info.size),
+                           num_classes=info.num_classes)
+        test = D.load(dataset, "test", data_dir=args.data_dir, limit=limit)
+        _check_fits(model, dataset, test.images)
+        return model, cfg, dataset, eps, test
     model, payload = model_from_checkpoint(args.checkpoint)  # registry models and fit()'s described networks
     cfg = payload.get("config", {})
     dataset, eps = _dataset_and_eps(args, cfg, payload)
@@ -69,10 +78,13 @@ def _dataset_and_eps(args: argparse.Namespace, cfg: dict, payload: dict | None =
     missing = [flag for flag, v in (("--dataset", dataset), ("--eps", eps)) if v is None]
     if missing:
         from certdist.data.registry import DATASETS
+        hint = f"; --dataset is one of {', '.join(sorted(DATASETS))}" if dataset is None else ""
+        if (payload or {}).get("onnx"):
+            raise SystemExit(f"error: an ONNX file records no dataset and no eps: pass {' and '.join(missing)}"
+                             f"{hint}")
         trained_on = ((payload or {}).get("results") or {}).get("dataset")
         why = (" (trained with certdist.fit" + (f" on a {trained_on}" if trained_on else "") + ")"
                if "data" not in cfg else "")
-        hint = f"; --dataset is one of {', '.join(sorted(DATASETS))}" if dataset is None else ""
         raise SystemExit(f"error: the checkpoint names no {' or '.join(m[2:] for m in missing)}{why}: pass "
                          f"{' and '.join(missing)}{hint}")
     return dataset, float(eps)
@@ -303,7 +315,8 @@ def _eps_arg(text: str) -> float:
 def _checkpoint_parser(sub, name: str, help_: str, eps_required: bool = False) -> argparse.ArgumentParser:
     """A subcommand that works on a checkpoint and its dataset's test split."""
     p = sub.add_parser(name, help=help_)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint (last.pt) of certdist train or certdist.fit")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint (last.pt) of certdist train or certdist.fit, "
+                   "or an ONNX network (.onnx / .onnx.gz; give --dataset and --eps)")
     p.add_argument("--eps", type=_eps_arg, required=eps_required,
                    help="a number or a fraction like 8/255" + ("" if eps_required else "; default: the checkpoint's test eps"))
     p.add_argument("--dataset", help="default: the checkpoint's dataset")

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -129,7 +129,17 @@ def model_from_checkpoint(path: str | os.PathLike, expect_arch: str | None = Non
     checkpoint's payload: a registry model by its name and input spec, any other (a user's own network
     trained with ``certdist.fit``) from the architecture description saved with it (see
     :mod:`certdist.models.describe`). A model without an input spec is a :class:`CertifiableNet` view
-    (``arch`` ``"sequential"`` for an ``nn.Sequential``, ``input_spec`` None)."""
+    (``arch`` ``"sequential"`` for an ``nn.Sequential``, ``input_spec`` None).
+
+    An ONNX file (``.onnx`` / ``.onnx.gz``) is read by :func:`onnx_model` (fitted to ``expect_spec``'s images
+    and classes when given); its payload is ``{"model_meta": {"arch": "onnx", ...}, "config": {}, "onnx": path}``."""
+    if is_onnx_path(path):
+        if expect_arch is not None and expect_arch != "onnx":
+            raise CheckpointError(f"{path} is an ONNX model, expected a {expect_arch!r} checkpoint")
+        shape = None if expect_spec is None else (expect_spec.channels, expect_spec.size, expect_spec.size)
+        model = onnx_model(path, shape, None if expect_spec is None else expect_spec.num_classes)
+        return model, {"model_meta": {"arch": "onnx", "input_spec": None, "description": None}, "config": {},
+                       "onnx": str(path)}
     payload = load_checkpoint(path)
     meta = payload["model_meta"]
     spec = None if meta.get("input_spec") is None else InputSpec(
@@ -163,10 +173,134 @@ def model_from_checkpoint(path: str | os.PathLike, expect_arch: str | None = Non
     return model.eval(), payload
 
 
-def load_model(path: str | os.PathLike) -> CertifiableNet:
-    """The eval-mode network of any certdist checkpoint (``certdist train`` or ``certdist.fit``), weights loaded:
-    the one loader behind ``certdist evaluate / certify / export --checkpoint`` and ``fit(teacher=path)``."""
+def load_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None,
+               num_classes: int | None = None) -> CertifiableNet:
+    """The eval-mode network of any certdist checkpoint (``certdist train`` or ``certdist.fit``), weights loaded,
+    or of an ONNX file (``.onnx`` / ``.onnx.gz``, read by :func:`certdist.load_onnx`): the one loader behind
+    ``certdist evaluate / certify / export --checkpoint`` and ``fit(teacher=path)`` / ``distill.teacher``.
+
+    ``input_shape`` (``(C, H, W)``) and ``num_classes``: the images and classes the ONNX network is to take
+    (an ONNX file records no dataset); see :func:`onnx_model`. A checkpoint records its own input and
+    ignores them."""
+    if is_onnx_path(path):
+        return onnx_model(path, input_shape, num_classes)
     return model_from_checkpoint(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX files: someone else's network, read by certdist.load_onnx and fitted to a dataset's images.
+
+ONNX_SUFFIXES = (".onnx", ".onnx.gz")
+
+
+def is_onnx_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an ONNX file (``.onnx`` or ``.onnx.gz``, any case) rather than a checkpoint."""
+    return str(path).lower().endswith(ONNX_SUFFIXES)
+
+
+def onnx_model(path: str | os.PathLike, input_shape: Sequence[int] | None = None,
+               num_classes: int | None = None) -> CertifiableNet:
+    """The ONNX network at ``path`` as an eval-mode :class:`CertifiableNet` (``arch`` ``"onnx"``,
+    ``input_spec`` None; ``onnx_input`` and ``onnx_path`` as set by :func:`certdist.load_onnx`).
+
+    With ``input_shape`` ``(C, H, W)`` the network is made to take images ``[N, C, H, W]`` exactly:
+
+    - the ONNX input is read as the image in C-order ``C x H x W`` (any size-1 dimensions dropped), as
+      ``H x W x C`` (NHWC, when C > 1 and that is the file's shape), or flat (``C*H*W`` values in
+      C-order of ``C x H x W``); a leading ``Transpose`` / ``Reshape`` of the file's input is already
+      absorbed by ``load_onnx`` (``onnx_input``);
+    - a model that then takes the image's pixels in their order but flat (``[N, C*H*W]``) gets an
+      ``nn.Flatten`` in front (exact); a flat input normalised per feature (held as ``[C*H*W, 1, 1]``)
+      gets its ``Normalize`` moved onto the image when the values are the same for every pixel of a
+      channel (exact: the same float32 operations), followed by the model's own ``Flatten``;
+    - anything else (another number of values, pixels in another order) raises :class:`CheckpointError`
+      naming both shapes.
+
+    ``num_classes``: the network must have this many outputs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX model not found: {path}")
+    from certdist.interop.onnx_import import OnnxImportError, load_onnx
+    try:
+        seq = load_onnx(path)
+    except OnnxImportError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    except ImportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file onnx cannot parse
+        raise CheckpointError(f"cannot read ONNX model {path}: {type(e).__name__}: {e}") from e
+    info = seq.onnx_input
+    layers = list(seq)
+    if input_shape is not None:
+        layers = _fit_onnx_input(layers, info, tuple(int(d) for d in input_shape), path)
+    if num_classes is not None and layers[-1].out_features != num_classes:
+        raise CheckpointError(f"the ONNX model {path} has {layers[-1].out_features} outputs, the dataset "
+                              f"{num_classes} classes")
+    model = CertifiableNet(torch.nn.Sequential(*layers[:-1]), layers[-1], "onnx", None).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.onnx_input, model.onnx_path = info, str(path)
+    if input_shape is not None:
+        from certdist.models.support import check_supported
+        try:
+            check_supported(model, tuple(input_shape))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+    return model
+
+
+def _fit_onnx_input(layers: list[torch.nn.Module], info: Any, image: tuple[int, ...], path: Path
+                    ) -> list[torch.nn.Module]:
+    """``layers`` (of ``load_onnx``) made to take images of per-sample shape ``image`` = (C, H, W); see
+    :func:`onnx_model`."""
+    import numpy as np
+
+    from certdist.models.layers import Normalize
+    if len(image) != 3:
+        raise CheckpointError(f"input_shape must be (C, H, W), got {image}")
+    c, h, w = image
+    n = c * h * w
+    file_shape = tuple(info.shape[1:])
+    model_shape = tuple(info.model_shape)
+    what = (f"the ONNX model {path} takes inputs of shape {list(info.shape)} (model input {list(model_shape)}), "
+            f"the dataset has {c}x{h}x{w} images")
+    squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731
+    pixels = np.arange(n)
+    if squeeze(file_shape) == squeeze(image) or (len(squeeze(file_shape)) == 1 and int(np.prod(file_shape)) == n):
+        onnx_order = pixels  # C x H x W, or flat in its C-order
+    elif c > 1 and squeeze(file_shape) == squeeze((h, w, c)):
+        onnx_order = pixels.reshape(c, h, w).transpose(1, 2, 0).ravel()  # NHWC: the file's j-th value is pixel [j]
+    else:
+        raise CheckpointError(f"{what}: {int(np.prod(file_shape))} values"
+                              + (f" vs {n}" if int(np.prod(file_shape)) != n else " in a layout other than CxHxW, "
+                                 "HxWxC or flat") + " (pass the --dataset the model was trained on)")
+    order = onnx_order if info.index is None else onnx_order[np.asarray(info.index)]
+    if not np.array_equal(order, pixels):
+        raise CheckpointError(f"{what}: the model reads the pixels in another order than C-order CxHxW, which no "
+                              "exact layer in front of it expresses")
+    if model_shape == image:
+        return layers
+    if model_shape == (n,):
+        return [torch.nn.Flatten(), *layers]
+    if model_shape == (n, 1, 1):  # a flat input normalised per feature: Normalize ... Normalize, Flatten
+        k = 0
+        moved: list[torch.nn.Module] = []
+        while k < len(layers) and type(layers[k]) is Normalize:
+            mean = layers[k].mean.reshape(c, h * w)
+            std = layers[k].std.reshape(c, h * w)
+            if not (bool((mean == mean[:, :1]).all()) and bool((std == std[:, :1]).all())):
+                raise CheckpointError(f"{what}: its input normalisation differs between the pixels of a channel; "
+                                      "only one mean and std per channel can be moved onto the images")
+            norm = Normalize([0.0] * c, [1.0] * c)
+            with torch.no_grad():
+                norm.mean.copy_(mean[:, 0].reshape(1, c, 1, 1))
+                norm.std.copy_(std[:, 0].reshape(1, c, 1, 1))
+            moved.append(norm)
+            k += 1
+        if moved and k < len(layers) and type(layers[k]) is torch.nn.Flatten:
+            return [*moved, *layers[k:]]
+    raise CheckpointError(f"{what}: certdist inserts only a Flatten (or moves a per-channel normalisation) in "
+                          "front of a model, and neither makes this one take the images exactly")
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:

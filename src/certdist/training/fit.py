@@ -83,6 +83,15 @@ def _loader_batches(loader: Iterable, device: torch.device):
         yield None, as_unit_batch(x, "train_loader").to(device), torch.as_tensor(y).long().to(device)
 
 
+def _image_shape(loader: Iterable) -> tuple[int, ...]:
+    """The per-sample shape of the loader's images (its first batch, drawn without touching the RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        for batch in (loader[:1] if isinstance(loader, (list, tuple)) else loader):
+            x, _ = _pair(batch, "train_loader")
+            return tuple(x.shape[1:])
+    raise ValueError("train_loader yields no batches")
+
+
 def loader_batch_size(loader: Iterable) -> tuple[int | None, bool]:
     """The batch size of ``loader`` and whether the loader declares it: a DataLoader's ``batch_size`` (or its
     batch sampler's), else the size of its first batch (None when it yields nothing)."""
@@ -110,10 +119,12 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     ``epochs``: None for the method's 10; other values scale the recipe's warm-up, ramp and lr milestones
     unless they are given (an explicit ramp that does not fit in ``epochs`` is refused).
     ``eps``: the test eps (a number or ``"8/255"``);
-    ``teacher``: a frozen teacher for distillation (CC-Dist with ``method="cc-ibp"``), an ``nn.Module``
-    or a teacher checkpoint path. ``options``: any other key of :class:`certdist.config.RunConfig`
-    (schedules, regularisers, ``lr``, ``seed``, ``name``, ``out_dir``, ``device``, ``progress``, ...), sections
-    as dicts, e.g. ``attack={"steps": 1}``, ``distill={"beta": 0.01}``, ``eval={"attack": "autoattack"}``.
+    ``teacher``: a frozen teacher for distillation (CC-Dist with ``method="cc-ibp"``), an ``nn.Module``,
+    a teacher checkpoint path or an ONNX file (``.onnx`` / ``.onnx.gz``, read by :func:`certdist.load_onnx` and
+    fitted to the loader's images; its features are the input of its last Linear). ``options``: any other key
+    of :class:`certdist.config.RunConfig` (schedules, regularisers, ``lr``, ``seed``, ``name``, ``out_dir``,
+    ``device``, ``progress``, ...), sections as dicts, e.g. ``attack={"steps": 1}``, ``distill={"beta": 0.01}``,
+    ``eval={"attack": "autoattack"}``.
     A checkpoint is written to ``<out_dir>/<name>/seed<seed>/last.pt`` after every epoch; ``resume=True``
     continues it exactly (with the same model and loader), ``overwrite=True`` replaces an old run.
     ``test_loader``: evaluated after every epoch (clean, IBP) and at the end (with ``eval.attack``).
@@ -150,6 +161,14 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     net = as_certifiable(model)
     check_float32(net, "fit")
     ckpt.warn_if_not_describable(model)  # the checkpoint saves the architecture's description with the weights
+    if isinstance(teacher, (str, os.PathLike)):  # loaded (and checked) before a run folder is made
+        if not Path(teacher).is_file():
+            raise TrainingError(f"teacher checkpoint not found: {teacher}")
+        if ckpt.is_onnx_path(teacher):  # an ONNX network, fitted to the loader's images and the classes
+            teacher = ckpt.load_model(teacher, input_shape=_image_shape(train_loader), num_classes=net.num_classes)
+        else:
+            teacher, _ = ckpt.model_from_checkpoint(teacher)
+        check_supported(teacher)
     dd = Dist()
     run_dir = prepare_run_dir(cfg, dd, resume, overwrite)
     if cfg.num_threads:
@@ -159,11 +178,6 @@ def fit(model: nn.Module, train_loader: Iterable, method: str = "cc-ibp", eps: f
     net = net.to(device)
     t = None
     if teacher is not None:
-        if isinstance(teacher, (str, os.PathLike)):
-            if not Path(teacher).is_file():
-                raise TrainingError(f"teacher checkpoint not found: {teacher}")
-            teacher, _ = ckpt.model_from_checkpoint(teacher)
-        check_supported(teacher)
         t = make_teacher(cfg, teacher, net, device, 0, cache_ok=False,
                          train_batches=((None, x) for _, x, _ in _loader_batches(train_loader, device)))
     try:

@@ -82,6 +82,15 @@ def load_teacher(cfg: RunConfig, student: CertifiableNet, device: torch.device, 
     path = Path(cfg.distill.teacher)
     if not path.is_file():
         raise TrainingError(f"teacher checkpoint not found: {path}")
+    if ckpt.is_onnx_path(path):  # someone else's network, fitted to the student's images and classes
+        spec = student.input_spec or input_spec(D.dataset_info(cfg.data.dataset))
+        try:
+            model = ckpt.load_model(path, input_shape=(spec.channels, spec.size, spec.size),
+                                    num_classes=spec.num_classes)
+        except ckpt.CheckpointError as e:
+            raise TrainingError(f"teacher: {e}") from e
+        batches = _indexed_batches(train_data, cfg.eval.batch_size, device) if train_data is not None else None
+        return make_teacher(cfg, model, student, device, n_train, cache_ok, batches)
     model, payload = ckpt.model_from_checkpoint(path)
     t_data = payload.get("config", {}).get("data", {}).get("dataset")
     if t_data is not None and t_data != cfg.data.dataset:
