@@ -34,10 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, help="l_inf radius in pixel units (default: from the checkpoint)")
     p.add_argument("-n", "--num-points", type=int, default=100)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per point")
-    p.add_argument("--complete", default="auto", choices=["auto", "chain-bab", "bab", "milp", "none"],
-                   help="complete verifier for the points the bound stages leave open: auto (default: the exact "
-                   "MILP when few ReLUs are unstable and the net has a dense form, else chain-bab), chain-bab "
-                   "(branch and bound on the layer chain), bab (branch and bound on the dense form), milp, none")
+    from certdist.verification.settings import COMPLETE_METHODS, complete_help
+    p.add_argument("--complete", default="auto", choices=list(COMPLETE_METHODS), help=complete_help())
     p.add_argument("--attack-steps", type=int, default=100)
     p.add_argument("--restarts", type=int, default=5)
     p.add_argument("--shard", default="0/1", help="i/n: certify the points with index %% n == i")

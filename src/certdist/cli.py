@@ -367,10 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "summary counts them)")
     c.add_argument("--limit", type=int, help="certify the first N test points; default: all")
     c.add_argument("--shard", help="i/n: this worker's share of the points")
-    c.add_argument("--complete", default="auto", choices=["auto", "chain-bab", "bab", "milp", "none"],
-                   help="complete verifier for the points the bound stages leave open: auto (default: the exact "
-                   "MILP when few ReLUs are unstable and the net has a dense form, else chain-bab), chain-bab "
-                   "(branch and bound on the layer chain), bab (branch and bound on the dense form), milp, none")
+    from certdist.verification.settings import COMPLETE_METHODS, complete_help
+    c.add_argument("--complete", default="auto", choices=list(COMPLETE_METHODS), help=complete_help())
     c.add_argument("--quick-attack-steps", type=int,
                    help="PGD steps of the quick attack before any bound (default 20, 2 restarts; 0 skips it)")
     c.add_argument("--attack-steps", type=int, default=100,

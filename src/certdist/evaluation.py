@@ -20,7 +20,7 @@ from certdist.models.support import check_supported
 from certdist.propagation.ibp import exact_fp32
 from certdist.specs import check_labels
 from certdist.threats import ThreatModel
-from certdist.verification.certify import ibp_proved
+from certdist.verification.soundness import ibp_proved
 
 
 ATTACKS = ("pgd", "apgd", "autoattack")

@@ -151,7 +151,7 @@ def test_auto_verdicts_equal_the_milp(net_data, tmp_path, kind):
 def test_auto_picks_chain_bab_above_milp_max_unstable(net_data, tmp_path, monkeypatch):
     """Under ``auto`` a hard point goes to the MILP iff it has at most ``milp_max_unstable`` unstable ReLUs
     after CROWN, else to chain BaB, which starts from the CROWN stage's intermediate bounds."""
-    import certdist.verification.certify as certify_mod
+    import certdist.verification.stages as stages_mod
     net, X, Y = net_data
     counts = [r["unstable"] for r in _certify_runs(net, X, Y, 0.08, tmp_path, probe={})["probe"].values()
               if "unstable" in r]
@@ -162,8 +162,8 @@ def test_auto_picks_chain_bab_above_milp_max_unstable(net_data, tmp_path, monkey
     def spy(*args, root_bounds=None, **kwargs):
         roots.append(root_bounds)
         return chain_bab_verify(*args, root_bounds=root_bounds, **kwargs)
-    chain_bab_verify = certify_mod.chain_bab_verify
-    monkeypatch.setattr(certify_mod, "chain_bab_verify", spy)
+    chain_bab_verify = stages_mod.chain_bab_verify
+    monkeypatch.setattr(stages_mod, "chain_bab_verify", spy)
     recs = _certify_runs(net, X, Y, 0.08, tmp_path, split=dict(milp_max_unstable=limit))["split"].values()
     hard = [r for r in recs if "unstable" in r]
     assert len(hard) == len(counts)

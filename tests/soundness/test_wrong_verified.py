@@ -246,9 +246,9 @@ def test_resume_refuses_other_models_data_settings_and_verifier_versions(tmp_pat
         certify_dataset(net, X, Y, threat, out, limit=6, complete="milp", **QUIET)
     with pytest.raises(ValueError, match="other data"):
         certify_dataset(net, X.flip(0), Y.flip(0), threat, out, limit=6, **QUIET)
-    import certdist.verification.certify as cert_mod
+    import certdist.verification.records as records_mod
     with monkeypatch.context() as m:  # a bound or policy change since the file was written
-        m.setattr(cert_mod, "VERIFIER_VERSION", cert_mod.VERIFIER_VERSION + "-next")
+        m.setattr(records_mod, "VERIFIER_VERSION", records_mod.VERIFIER_VERSION + "-next")
         with pytest.raises(ValueError, match="verifier version"):
             certify_dataset(net, X, Y, threat, out, limit=6, **QUIET)
     old = tmp_path / "old.jsonl"  # records without the version (an older certdist)

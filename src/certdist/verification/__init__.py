@@ -1,22 +1,49 @@
-"""Verification: the staged certification pipeline, complete verifiers (BaB, MILP), ONNX/VNN-LIB export.
+"""Verification: the staged certification pipeline, complete verifiers (BaB, MILP).
 
 Main entry points:
 
 - :func:`certify_dataset` (``certify.py``): attack -> IBP -> CROWN -> alpha-CROWN -> BaB/MILP per point,
-  JSON lines out, resumable and shardable; :func:`merge` and :func:`format_summary` for the results;
+  JSON lines out, resumable and shardable; :func:`merge` and :func:`format_summary` for the results. The
+  pipeline's parts: ``settings.py`` (:class:`CertifyConfig`, the complete verifiers), ``soundness.py`` (the
+  one acceptance rule), ``stages.py`` (the stages as a list), ``records.py`` (result files);
 - :func:`bab_verify` / :func:`milp_verify`: complete verification of one box on the dense network;
-- :func:`export_onnx`, :func:`export_vnnlib`, :func:`parse_vnnlib`, :func:`export_benchmark` (``export.py``).
-"""
-from certdist.verification.bab import BabResult, bab_verify
-from certdist.verification.certify import (COMPLETE_METHODS, STATUSES, CertifyConfig, certify_dataset, certify_point,
-                                           eval_copy, format_summary, merge, read_records, summarize,
-                                           validate_counterexample)
-from certdist.verification.dense import DenseNet, TooLargeError, dense_from_model
-from certdist.verification.export import (VnnlibProperty, export_benchmark, export_onnx, export_vnnlib,
-                                          parse_vnnlib, run_onnx)
-from certdist.verification.milp import MilpResult, milp_verify
+- :func:`export_onnx`, :func:`export_vnnlib`, :func:`parse_vnnlib`, :func:`export_benchmark`: in
+  :mod:`certdist.interop` (re-exported here).
 
-__all__ = ["BabResult", "COMPLETE_METHODS", "CertifyConfig", "DenseNet", "MilpResult", "STATUSES", "TooLargeError",
-           "VnnlibProperty", "bab_verify", "certify_dataset", "certify_point", "dense_from_model", "eval_copy",
-           "export_benchmark", "export_onnx", "export_vnnlib", "format_summary", "merge", "milp_verify",
-           "parse_vnnlib", "read_records", "run_onnx", "summarize", "validate_counterexample"]
+The names are imported on first use, so that importing one module of this package (e.g. the soundness
+rule, for :mod:`certdist.evaluation`) does not load the complete verifiers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BabResult": "certdist.verification.bab", "bab_verify": "certdist.verification.bab",
+    "COMPLETE_METHODS": "certdist.verification.settings", "STATUSES": "certdist.verification.settings",
+    "CertifyConfig": "certdist.verification.settings",
+    "certify_dataset": "certdist.verification.certify", "certify_point": "certdist.verification.certify",
+    "eval_copy": "certdist.verification.soundness", "validate_counterexample": "certdist.verification.soundness",
+    "format_summary": "certdist.verification.records", "merge": "certdist.verification.records",
+    "read_records": "certdist.verification.records", "summarize": "certdist.verification.records",
+    "DenseNet": "certdist.verification.dense", "TooLargeError": "certdist.verification.dense",
+    "dense_from_model": "certdist.verification.dense",
+    "VnnlibProperty": "certdist.verification.export", "export_benchmark": "certdist.verification.export",
+    "export_onnx": "certdist.verification.export", "export_vnnlib": "certdist.verification.export",
+    "parse_vnnlib": "certdist.verification.export", "run_onnx": "certdist.verification.export",
+    "MilpResult": "certdist.verification.milp", "milp_verify": "certdist.verification.milp",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
