@@ -29,7 +29,7 @@ _LAZY = {
     "ibp": "certdist.propagation", "crown": "certdist.propagation", "crown_ibp": "certdist.propagation",
     "alpha_crown": "certdist.propagation",
     "certify_dataset": "certdist.verification", "format_summary": "certdist.verification",
-    "export_onnx": "certdist.verification", "export_benchmark": "certdist.verification",
+    "export_onnx": "certdist.interop", "export_benchmark": "certdist.interop",
     "as_certifiable": "certdist.models", "Normalize": "certdist.models", "build_model": "certdist.models",
     "tune": "certdist.tune",  # hyper-parameter search on the validation split (needs optuna)
     "load_onnx": "certdist.interop", "verify_vnnlib": "certdist.verification.vnnlib_verify",

@@ -165,7 +165,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from certdist.verification.export import export_benchmark
+    from certdist.interop.benchmark import export_benchmark
     model, _, _, eps, test = _load_checkpoint_and_test(args)  # --eps is required here
     path = export_benchmark(model, test.images.float() / 255, test.labels, eps, args.out, limit=args.limit)
     print(f"exported to {path}")

@@ -4,7 +4,7 @@ import json
 import onnx
 
 from certdist.cli import main
-from certdist.verification.export import parse_vnnlib
+from certdist.interop import parse_vnnlib
 
 BASE = ["data.dataset=synthetic", "model.arch=mlp", "eps=0.05", "epochs=2", "warmup_epochs=1", "ramp_epochs=1",
         "lr_milestones=[]", "progress=false", "eval.pgd_steps=3", "data.train_limit=512", "data.test_limit=50",

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 import certdist  # noqa: E402
 from certdist.cli import main  # noqa: E402
 from certdist.interop.onnx_import import onnx_session, run_session  # noqa: E402
-from certdist.verification.export import parse_vnnlib  # noqa: E402
+from certdist.interop import parse_vnnlib  # noqa: E402
 from certdist.verification.vnnlib_verify import verify_instances, verify_vnnlib  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def test_conv_net_with_normalisation_robustness(tmp_path):
     x = torch.rand(1, 1, 6, 6)
     y = int(net(x).argmax())
     net_file = certdist.export_onnx(net, tmp_path / "conv.onnx", (1, 6, 6))
-    from certdist.verification.export import export_vnnlib
+    from certdist.interop import export_vnnlib
     small = export_vnnlib(x[0], y, 1e-4, 10, tmp_path / "small.vnnlib")
     assert verify_vnnlib(net_file, small, timeout=30).result == "unsat"
     big = export_vnnlib(x[0], y, 0.5, 10, tmp_path / "big.vnnlib")

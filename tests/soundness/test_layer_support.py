@@ -28,7 +28,7 @@ from certdist.verification import milp
 from certdist.verification.bab import bab_verify
 from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import backward_lower, crown_bounds, dense_from_model
-from certdist.verification.export import export_onnx, run_onnx
+from certdist.interop import export_onnx, run_onnx
 from certdist.verification.rounding import fp32_error_bound
 from conftest import randomize_, sample_box
 

@@ -143,7 +143,7 @@ def test_batchnorm_without_running_statistics_is_refused_everywhere(tmp_path):
     from certdist.propagation.alpha import alpha_crown
     from certdist.propagation.crown import crown
     from certdist.propagation.ibp import ibp
-    from certdist.verification import export_onnx
+    from certdist.interop import export_onnx
     net = _net([4], 2, 2, 1, bn=nn.BatchNorm1d(4, track_running_stats=False))
     x = torch.full((1, 2, 1, 1), 0.5)
     threat = ThreatModel(0.1)

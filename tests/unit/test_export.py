@@ -9,8 +9,8 @@ import onnx
 import pytest
 import torch
 
-from certdist.verification.export import (VnnlibProperty, export_benchmark, export_onnx, export_vnnlib,
-                                          parse_vnnlib, run_onnx)
+from certdist.interop import (VnnlibProperty, export_benchmark, export_onnx, export_vnnlib, parse_vnnlib,
+                              run_onnx)
 from conftest import random_net, self_labelled_points
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 
-from certdist.verification.export import export_benchmark
+from certdist.interop import export_benchmark
 from conftest import random_net, self_labelled_points
 
 

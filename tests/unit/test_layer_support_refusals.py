@@ -17,7 +17,8 @@ from certdist.models import CertifiableNet, Normalize
 from certdist.models.support import UnsupportedNetworkError, check_supported
 from certdist.propagation import alpha_crown, crown, crown_ibp, ibp
 from certdist.threats import ThreatModel
-from certdist.verification import CertifyConfig, certify_dataset, certify_point, export_onnx
+from certdist.interop import export_onnx
+from certdist.verification import CertifyConfig, certify_dataset, certify_point
 from certdist.training.fit import fit
 
 SHAPE = (1, 4, 4)

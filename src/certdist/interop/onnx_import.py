@@ -685,7 +685,7 @@ def check_against_onnx(model: nn.Module, proto, samples: int = 8, seed: int = 0)
     try:
         ref = run_session(onnx_session(proto), x_onnx)
     except ImportError:
-        from certdist.verification.export import run_onnx
+        from certdist.interop.onnx_numpy import run_onnx
         ref = np.stack([np.asarray(run_onnx(proto, x_onnx[i:i + 1])).reshape(-1) for i in range(len(flat))])
     with torch.no_grad():
         out = model(info.to_model(torch.from_numpy(flat))).numpy().reshape(len(flat), -1)

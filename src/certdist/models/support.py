@@ -13,7 +13,7 @@ option and what is supported. A network that passes is handled the same way by e
     dense             verification/dense.py                 torch forward of the folded affine blocks
     milp / bab        verification/milp.py, bab.py          the dense form
     chain-bab         verification/chain_bab.py             crown's rules and chain
-    onnx              verification/export.py                ONNX writer + its numpy evaluator
+    onnx              interop/onnx_export.py                ONNX_RULES (exact type) + the numpy evaluator
 
 The contract (:data:`SUPPORTED_LAYERS`; shapes per sample, without the batch dimension):
 

@@ -1,4 +1,4 @@
-"""Verification: the staged certification pipeline, complete verifiers (BaB, MILP).
+"""Verification: the staged certification pipeline, complete verifiers (BaB, MILP), VNN-LIB instances.
 
 Main entry points:
 
@@ -7,8 +7,9 @@ Main entry points:
   pipeline's parts: ``settings.py`` (:class:`CertifyConfig`, the complete verifiers), ``soundness.py`` (the
   one acceptance rule), ``stages.py`` (the stages as a list), ``records.py`` (result files);
 - :func:`bab_verify` / :func:`milp_verify`: complete verification of one box on the dense network;
-- :func:`export_onnx`, :func:`export_vnnlib`, :func:`parse_vnnlib`, :func:`export_benchmark`: in
-  :mod:`certdist.interop` (re-exported here).
+- :func:`~certdist.verification.vnnlib_verify.verify_vnnlib`: one ONNX network + VNN-LIB property.
+
+ONNX and VNN-LIB reading and writing (``export_onnx``, ``export_benchmark``, ...) live in :mod:`certdist.interop`.
 
 The names are imported on first use, so that importing one module of this package (e.g. the soundness
 rule, for :mod:`certdist.evaluation`) does not load the complete verifiers.
@@ -28,9 +29,6 @@ _LAZY = {
     "read_records": "certdist.verification.records", "summarize": "certdist.verification.records",
     "DenseNet": "certdist.verification.dense", "TooLargeError": "certdist.verification.dense",
     "dense_from_model": "certdist.verification.dense",
-    "VnnlibProperty": "certdist.verification.export", "export_benchmark": "certdist.verification.export",
-    "export_onnx": "certdist.verification.export", "export_vnnlib": "certdist.verification.export",
-    "parse_vnnlib": "certdist.verification.export", "run_onnx": "certdist.verification.export",
     "MilpResult": "certdist.verification.milp", "milp_verify": "certdist.verification.milp",
 }
 

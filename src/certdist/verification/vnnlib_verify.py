@@ -43,7 +43,7 @@ from torch import nn
 from certdist.bounds import Interval
 from certdist.interop.onnx_import import load_onnx, onnx_input_of, onnx_session, read_maybe_gz, run_session
 from certdist.propagation.ibp import exact_fp32, ibp
-from certdist.verification.export import VnnlibProperty, parse_vnnlib
+from certdist.interop.vnnlib import VnnlibProperty, parse_vnnlib
 from certdist.verification.rounding import fp32_error_bound, margin_tolerance, proved
 
 RESULTS = ("sat", "unsat", "timeout", "unknown", "error")
@@ -136,7 +136,7 @@ class _Box:
 
 
 def read_property(path: str | os.PathLike) -> VnnlibProperty:
-    """:func:`certdist.verification.export.parse_vnnlib` of ``path`` (``.vnnlib`` or ``.vnnlib.gz``, or
+    """:func:`certdist.interop.vnnlib.parse_vnnlib` of ``path`` (``.vnnlib`` or ``.vnnlib.gz``, or
     the text itself when it contains '(')."""
     text = path if isinstance(path, str) and "(" in path else read_maybe_gz(path).decode()
     if "(" not in text:
