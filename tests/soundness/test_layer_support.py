@@ -308,6 +308,36 @@ def test_every_contract_entry_has_a_configuration_and_every_algorithm_a_check():
     assert set(CHECKS) == set(ALGORITHMS), "an algorithm without a check"
 
 
+def _rule_tables() -> dict[str, Callable[[type], bool]]:
+    """Per algorithm's rule table: does it have a rule for a layer type (as the algorithm looks it up)."""
+    from certdist.interop.onnx_export import ONNX_RULES
+    from certdist.models.describe import LAYERS
+    from certdist.models.support import WEIGHTED_LAYERS
+    from certdist.propagation.crown import CROWN_RULES
+    from certdist.propagation.ibp import IBP_RULES
+    from certdist.verification.dense import DENSE_ROLES
+    from certdist.verification.rounding import ROUNDING_RULES
+    by_hierarchy = lambda table: lambda t: any(k in table for k in t.__mro__)  # noqa: E731
+    described = {cls for cls, _ in LAYERS.values()}
+    return {
+        "ibp (IBP_RULES)": lambda t: t in IBP_RULES,
+        "crown (CROWN_RULES)": lambda t: t in CROWN_RULES,
+        "rounding (ROUNDING_RULES)": by_hierarchy(ROUNDING_RULES),
+        "dense (DENSE_ROLES)": by_hierarchy(DENSE_ROLES),
+        "onnx (ONNX_RULES)": lambda t: t in ONNX_RULES,
+        "describe (LAYERS)": lambda t: t in described,
+        "init/L1 (WEIGHTED_LAYERS)": lambda t: not SUPPORTED_LAYERS[t].weighted or t in WEIGHTED_LAYERS,
+    }
+
+
+def test_every_algorithm_has_a_rule_for_every_contract_entry():
+    """The registries every algorithm reads: one rule per contract entry; a failure names each table that
+    lacks one and the layer types it lacks."""
+    missing = {name: [t.__name__ for t in SUPPORTED_LAYERS if not has(t)] for name, has in _rule_tables().items()}
+    missing = {name: kinds for name, kinds in missing.items() if kinds}
+    assert not missing, "no rule for: " + "; ".join(f"{name}: {', '.join(k)}" for name, k in missing.items())
+
+
 def test_every_configuration_passes_the_contract():
     for cfg in CONFIGS:
         net = nn.Sequential(*cfg.layers())

@@ -11,9 +11,11 @@ import math
 import torch
 from torch import nn
 
+from certdist.models.support import WEIGHTED_LAYERS
+
 
 def ibp_init(model: nn.Module) -> nn.Module:
-    weighted = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weighted = [m for m in model.modules() if isinstance(m, WEIGHTED_LAYERS)]
     with torch.no_grad():
         for m in weighted[:-1]:
             fan_in = m.weight[0].numel()

@@ -7,13 +7,20 @@ option and what is supported. A network that passes is handled the same way by e
 
     algorithm         where                                 reads the layers through
     ibp               propagation/ibp.py                    IBP_RULES (exact type)
-    crown             propagation/crown.py                  CROWN_RULES, the patches path (``_PATCH_LAYERS``)
+    crown             propagation/crown/rules.py            CROWN_RULES, the patches path (``_PATCH_LAYERS``)
     alpha-crown       propagation/alpha.py                  crown's rules and chain
-    rounding          verification/rounding.py              isinstance chain (float32 error bound)
-    dense             verification/dense.py                 torch forward of the folded affine blocks
+    rounding          verification/rounding.py              ROUNDING_RULES (class hierarchy; float32 error bound)
+    dense             verification/dense.py                 DENSE_ROLES (relu / affine: torch forward of the folded
+                                                            affine blocks)
     milp / bab        verification/milp.py, bab.py          the dense form
     chain-bab         verification/chain_bab.py             crown's rules and chain
     onnx              interop/onnx_export.py                ONNX_RULES (exact type) + the numpy evaluator
+    describe          models/describe.py                    LAYERS (checkpoint architecture descriptions)
+    init, L1          models/init.py, training/regularizers  WEIGHTED_LAYERS (the entries marked ``weighted``)
+
+Adding a layer type: an entry here, then one rule in each of those tables (the coverage test in
+``tests/soundness/test_layer_support.py`` names every table that lacks one), and configurations of it in
+that test's CONFIGS.
 
 The contract (:data:`SUPPORTED_LAYERS`; shapes per sample, without the batch dimension):
 
@@ -86,6 +93,7 @@ class LayerSupport:
     options: Callable[[nn.Module], None]
     shape: Callable[[nn.Module, Shape], Shape]
     params: tuple[str, ...] = ()  # tensors the rules read as attributes: must be real parameters/buffers
+    weighted: bool = False  # a weight matrix / kernel: the IBP initialisation and the L1 penalty act on it
 
 
 def _pair(v) -> tuple[int, int]:
@@ -220,9 +228,9 @@ def _normalize_shape(m: Normalize, s: Shape) -> Shape:
 
 SUPPORTED_LAYERS: dict[type, LayerSupport] = {e.kind: e for e in [
     LayerSupport(nn.Linear, "input [..., in_features] (acts on the last dimension), bias optional",
-                 _linear_options, _linear_shape, ("weight", "bias")),
+                 _linear_options, _linear_shape, ("weight", "bias"), weighted=True),
     LayerSupport(nn.Conv2d, "input [C, H, W]; numeric padding, padding_mode='zeros', any stride / dilation / kernel "
-                 "shape, groups=1, bias optional", _conv_options, _conv_shape, ("weight", "bias")),
+                 "shape, groups=1, bias optional", _conv_options, _conv_shape, ("weight", "bias"), weighted=True),
     LayerSupport(nn.ReLU, "any input", _no_options, _same_shape),
     LayerSupport(nn.BatchNorm1d, "input [C] or [C, L]; eval mode needs running statistics", _bn_options, _bn1d_shape,
                  ("weight", "bias", "running_mean", "running_var")),
@@ -233,6 +241,9 @@ SUPPORTED_LAYERS: dict[type, LayerSupport] = {e.kind: e for e in [
     LayerSupport(nn.Flatten, "Flatten(start_dim=1, end_dim=-1)", _flatten_options, _flatten_shape),
     LayerSupport(Normalize, "input [C, H, W] with C = len(mean)", _no_options, _normalize_shape, ("mean", "std")),
 ]}
+
+# The layer types with a weight matrix / kernel (IBP initialisation, L1 penalty).
+WEIGHTED_LAYERS: tuple[type, ...] = tuple(t for t, e in SUPPORTED_LAYERS.items() if e.weighted)
 
 _HINTS = {
     nn.Identity: "remove it (a no-op)",
@@ -394,5 +405,5 @@ def check_supported(model: nn.Module, input_shape: Sequence[int] | None = None) 
     return [m for _, m in chain]
 
 
-__all__ = ["ALGORITHMS", "LayerSupport", "SUPPORTED_LAYERS", "UnsupportedNetworkError", "check_supported",
-           "supported_layers_text"]
+__all__ = ["ALGORITHMS", "LayerSupport", "SUPPORTED_LAYERS", "UnsupportedNetworkError", "WEIGHTED_LAYERS",
+           "check_supported", "supported_layers_text"]

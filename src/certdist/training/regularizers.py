@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certdist.bounds import Interval
+from certdist.models.support import WEIGHTED_LAYERS
 
 
 def shi_regularizer(input_box: Interval, pre_relu: list[Interval], tol: float = 0.5) -> torch.Tensor:
@@ -48,5 +49,5 @@ def shi_regularizer(input_box: Interval, pre_relu: list[Interval], tol: float = 
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:
-    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    terms = [m.weight.abs().sum() for m in model.modules() if isinstance(m, WEIGHTED_LAYERS)]
     return torch.stack(terms).sum()

@@ -21,8 +21,24 @@ from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
 from certdist.propagation.ibp import check_fixed_batchnorm
 
-AFFINE_TYPES: tuple[type, ...] = (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
-                                  nn.AvgPool2d, nn.Identity, nn.Dropout)
+# How the dense form reads each layer type (looked up along the layer's class hierarchy, :func:`dense_role`):
+# a ReLU ends an affine block, an affine layer is folded into its block by its torch forward. Every type of
+# the layer-support contract (:data:`certdist.models.support.SUPPORTED_LAYERS`) has a role
+# (tests/soundness/test_layer_support.py).
+DENSE_ROLES: dict[type, str] = {
+    nn.ReLU: "relu",
+    **{t: "affine" for t in (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
+                             nn.Identity, nn.Dropout)},
+}
+AFFINE_TYPES: tuple[type, ...] = tuple(t for t, role in DENSE_ROLES.items() if role == "affine")
+
+
+def dense_role(m: nn.Module) -> str | None:
+    """``"relu"``, ``"affine"`` or None (no role: the dense form refuses the layer)."""
+    for kind in type(m).__mro__:
+        if kind in DENSE_ROLES:
+            return DENSE_ROLES[kind]
+    return None
 
 
 class TooLargeError(ValueError):
@@ -75,9 +91,10 @@ def dense_from_model(model: nn.Module, input_shape: tuple[int, ...], max_weights
     blocks: list[list[nn.Module]] = [[]]
     for m in layers:
         check_fixed_batchnorm(m, eval_mode=True)  # the dense form is that of the eval-mode network
-        if isinstance(m, nn.ReLU):
+        role = dense_role(m)
+        if role == "relu":
             blocks.append([])
-        elif isinstance(m, AFFINE_TYPES):
+        elif role == "affine":
             blocks[-1].append(m)
         else:
             raise TypeError(f"complete verification does not support layer {type(m).__name__}; "

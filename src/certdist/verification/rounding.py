@@ -26,6 +26,8 @@ exactly rounded float32 products (direct, im2col/GEMM and blocked kernels; TF32 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,44 +59,98 @@ def _no_overflow(e: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
     return torch.where(peak * (1 + 1e-3) < FLOAT32_MAX, e, torch.full_like(e, float("inf")))
 
 
+# One rule per layer type (looked up along the layer's class hierarchy, :func:`rounding_rule_for`):
+# ``rule(m, inp, e)`` is the error bound after layer ``m`` given the exact input interval ``inp`` and the
+# input error ``e``. Every type of the layer-support contract (:data:`certdist.models.support.SUPPORTED_LAYERS`)
+# has one (tests/soundness/test_layer_support.py).
+RoundingRule = Callable[[nn.Module, Interval, torch.Tensor], torch.Tensor]
+ROUNDING_RULES: dict[type, RoundingRule] = {}
+
+
+def register(*types: type) -> Callable[[RoundingRule], RoundingRule]:
+    def deco(fn: RoundingRule) -> RoundingRule:
+        for t in types:
+            ROUNDING_RULES[t] = fn
+        return fn
+    return deco
+
+
+def rounding_rule_for(m: nn.Module) -> RoundingRule:
+    """The rule of ``m``'s type or of its nearest registered base class; TypeError when none."""
+    for kind in type(m).__mro__:
+        if kind in ROUNDING_RULES:
+            return ROUNDING_RULES[kind]
+    raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
+
+
+@register(nn.ReLU)
+def _relu(m: nn.ReLU, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    return torch.where(inp.upper + e <= 0, torch.zeros_like(e), e)
+
+
+@register(nn.Flatten)
+def _flatten(m: nn.Flatten, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    return m(e)
+
+
+@register(nn.Identity, nn.Dropout)
+def _identity(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    return e
+
+
+@register(nn.Linear)
+def _linear(m: nn.Linear, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    mag = _magnitude(inp, e)
+    W = m.weight.abs()
+    b = m.bias.abs() if m.bias is not None else 0.0
+    peak = F.linear(mag, W) + b
+    return _no_overflow(F.linear(e, W) + gamma(m.in_features + 1) * peak + (m.in_features + 1) * UNDERFLOW, peak)
+
+
+@register(nn.Conv2d)
+def _conv(m: nn.Conv2d, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    mag = _magnitude(inp, e)
+    if m.padding_mode != "zeros":
+        raise TypeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
+    W = m.weight.abs()
+    conv = lambda t: F.conv2d(t, W, None, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+    b = m.bias.abs().view(1, -1, 1, 1) if m.bias is not None else 0.0
+    n = W[0].numel()
+    peak = conv(mag) + b
+    return _no_overflow(conv(e) + gamma(n + 1) * peak + (n + 1) * UNDERFLOW, peak)
+
+
+@register(Normalize)
+def _normalize(m: Normalize, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    mag = _magnitude(inp, e)  # (x - mean) / std: two roundings
+    peak = (mag + m.mean.abs()) / m.std
+    return _no_overflow((e + gamma(3) * (mag + m.mean.abs())) / m.std + 2 * UNDERFLOW, peak)
+
+
+@register(nn.modules.batchnorm._BatchNorm)
+def _batchnorm(m: nn.modules.batchnorm._BatchNorm, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    mag = _magnitude(inp, e)
+    # scale = w / sqrt(var + eps) and the shift are themselves rounded: a few more roundings
+    scale, shift = batchnorm_affine(m, None)
+    view = [1, -1] + [1] * (e.dim() - 2)
+    s, t = scale.abs().view(view), shift.abs().view(view)
+    mean = m.running_mean.abs().view(view)
+    peak = s * (mag + mean) + t + (m.bias.abs().view(view) if m.bias is not None else 0.0)
+    return _no_overflow(s * e + gamma(12) * (s * (mag + mean) + t) + 4 * UNDERFLOW * (1 + mag + mean), peak)
+
+
+@register(nn.AvgPool2d)
+def _avgpool(m: nn.AvgPool2d, inp: Interval, e: torch.Tensor) -> torch.Tensor:
+    mag = _magnitude(inp, e)  # a sum of k*k terms, then one division; weights > 0
+    kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
+    out = m(e) + gamma(kh * kw + 2) * m(mag) + UNDERFLOW
+    peak = kh * kw * mag.flatten(1).amax(1)  # the window sum (before the division), per sample
+    return _no_overflow(out, peak.view(-1, *[1] * (out.dim() - 1)).expand_as(out))
+
+
 def _layer_error(m: nn.Module, inp: Interval, e: torch.Tensor) -> torch.Tensor:
     """Error bound after layer ``m`` given the exact input interval ``inp`` and the input error ``e``."""
-    if isinstance(m, nn.ReLU):
-        return torch.where(inp.upper + e <= 0, torch.zeros_like(e), e)
-    if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout)):
-        return m(e) if isinstance(m, nn.Flatten) else e
-    mag = _magnitude(inp, e)
-    if isinstance(m, nn.Linear):
-        W = m.weight.abs()
-        b = m.bias.abs() if m.bias is not None else 0.0
-        peak = F.linear(mag, W) + b
-        return _no_overflow(F.linear(e, W) + gamma(m.in_features + 1) * peak + (m.in_features + 1) * UNDERFLOW, peak)
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros":
-            raise TypeError(f"Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
-        W = m.weight.abs()
-        conv = lambda t: F.conv2d(t, W, None, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
-        b = m.bias.abs().view(1, -1, 1, 1) if m.bias is not None else 0.0
-        n = W[0].numel()
-        peak = conv(mag) + b
-        return _no_overflow(conv(e) + gamma(n + 1) * peak + (n + 1) * UNDERFLOW, peak)
-    if isinstance(m, Normalize):  # (x - mean) / std: two roundings
-        peak = (mag + m.mean.abs()) / m.std
-        return _no_overflow((e + gamma(3) * (mag + m.mean.abs())) / m.std + 2 * UNDERFLOW, peak)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        # scale = w / sqrt(var + eps) and the shift are themselves rounded: a few more roundings
-        scale, shift = batchnorm_affine(m, None)
-        view = [1, -1] + [1] * (e.dim() - 2)
-        s, t = scale.abs().view(view), shift.abs().view(view)
-        mean = m.running_mean.abs().view(view)
-        peak = s * (mag + mean) + t + (m.bias.abs().view(view) if m.bias is not None else 0.0)
-        return _no_overflow(s * e + gamma(12) * (s * (mag + mean) + t) + 4 * UNDERFLOW * (1 + mag + mean), peak)
-    if isinstance(m, nn.AvgPool2d):  # a sum of k*k terms, then one division; weights > 0
-        kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
-        out = m(e) + gamma(kh * kw + 2) * m(mag) + UNDERFLOW
-        peak = kh * kw * mag.flatten(1).amax(1)  # the window sum (before the division), per sample
-        return _no_overflow(out, peak.view(-1, *[1] * (out.dim() - 1)).expand_as(out))
-    raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
+    return rounding_rule_for(m)(m, inp, e)
 
 
 def exact_ranges(layers: list[nn.Module], box: Interval, relu_bounds: list[Interval | None] | None = None
