@@ -21,7 +21,7 @@ from torch import nn
 from certdist.interop.onnx_numpy import run_onnx
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
-from certdist.models.support import check_supported
+from certdist.models.support import LayerRules, check_supported
 from certdist.propagation.ibp import check_fixed_batchnorm
 
 OPSET = 13
@@ -57,7 +57,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
-def _pair(v) -> list[int]:
+def _hw_list(v) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
@@ -65,15 +65,8 @@ def _pair(v) -> list[int]:
 # exact types; :func:`export_onnx` checks the contract first): ``rule(graph, layer, rank)`` adds the layer's
 # nodes for an input of ``rank`` dimensions (batch included).
 OnnxRule = Callable[[_Graph, nn.Module, int], None]
-ONNX_RULES: dict[type, OnnxRule] = {}
-
-
-def register(*types: type) -> Callable[[OnnxRule], OnnxRule]:
-    def deco(fn: OnnxRule) -> OnnxRule:
-        for t in types:
-            ONNX_RULES[t] = fn
-        return fn
-    return deco
+ONNX_RULES = LayerRules("onnx")  # exact layer type -> OnnxRule
+register = ONNX_RULES.register
 
 
 @register(Normalize)
@@ -86,10 +79,10 @@ def _normalize(g: _Graph, m: Normalize, rank: int) -> None:
 def _conv(g: _Graph, m: nn.Conv2d, rank: int) -> None:
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise TypeError(f"cannot export {m}: only numeric zero padding")
-    p = _pair(m.padding)
+    p = _hw_list(m.padding)
     bias = [g.const("conv_b", _np(m.bias))] if m.bias is not None else []
     g.add("Conv", g.const("conv_w", _np(m.weight)), *bias, kernel_shape=list(m.kernel_size),
-          strides=_pair(m.stride), pads=[p[0], p[1], p[0], p[1]], dilations=_pair(m.dilation), group=m.groups)
+          strides=_hw_list(m.stride), pads=[p[0], p[1], p[0], p[1]], dilations=_hw_list(m.dilation), group=m.groups)
 
 
 @register(nn.Linear)
@@ -127,8 +120,8 @@ def _flatten(g: _Graph, m: nn.Flatten, rank: int) -> None:
 def _avgpool(g: _Graph, m: nn.AvgPool2d, rank: int) -> None:
     if m.ceil_mode or m.divisor_override is not None:
         raise TypeError(f"cannot export {m}: ceil_mode / divisor_override")
-    k, p = _pair(m.kernel_size), _pair(m.padding)
-    g.add("AveragePool", kernel_shape=k, strides=_pair(m.stride if m.stride is not None else m.kernel_size),
+    k, p = _hw_list(m.kernel_size), _hw_list(m.padding)
+    g.add("AveragePool", kernel_shape=k, strides=_hw_list(m.stride if m.stride is not None else m.kernel_size),
           pads=[p[0], p[1], p[0], p[1]], count_include_pad=int(m.count_include_pad))
 
 

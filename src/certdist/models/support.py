@@ -59,7 +59,7 @@ forward order. The last layer must be an ``nn.Linear`` on a flat input (the clas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -96,7 +96,7 @@ class LayerSupport:
     weighted: bool = False  # a weight matrix / kernel: the IBP initialisation and the L1 penalty act on it
 
 
-def _pair(v) -> tuple[int, int]:
+def _hw(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
@@ -133,7 +133,7 @@ def _linear_shape(m: nn.Linear, s: Shape) -> Shape:
 
 def _conv_options(m: nn.Conv2d) -> None:
     if isinstance(m.padding, str):
-        k, d = _pair(m.kernel_size), _pair(m.dilation)
+        k, d = _hw(m.kernel_size), _hw(m.dilation)
         hint = ""
         if m.padding == "valid":
             hint = "; write padding=0"
@@ -144,14 +144,14 @@ def _conv_options(m: nn.Conv2d) -> None:
         raise _Refuse(f"padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
     if m.groups != 1:
         raise _Refuse(f"groups={m.groups} is not supported (only groups=1)")
-    if len(_pair(m.padding)) != 2:
+    if len(_hw(m.padding)) != 2:
         raise _Refuse(f"padding={m.padding!r} is not supported (an int or a pair)")
 
 
 def _conv_shape(m: nn.Conv2d, s: Shape) -> Shape:
     _rank(m, s, (3,), "[C, H, W]")
     _channels(m, s, m.in_channels, "in_channels")
-    k, st, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+    k, st, p, d = _hw(m.kernel_size), _hw(m.stride), _hw(m.padding), _hw(m.dilation)
     return (m.out_channels, *(_window(s[1 + i], k[i], st[i], p[i], d[i], m) for i in range(2)))
 
 
@@ -204,7 +204,7 @@ def _avgpool_options(m: nn.AvgPool2d) -> None:
         bad.append("ceil_mode=True")
     if m.divisor_override is not None:
         bad.append(f"divisor_override={m.divisor_override}")
-    if not m.count_include_pad and any(_pair(m.padding)):
+    if not m.count_include_pad and any(_hw(m.padding)):
         bad.append(f"count_include_pad=False with padding={m.padding}")
     if bad:
         raise _Refuse(f"{', '.join(bad)} is not supported (supported: ceil_mode=False, divisor_override=None, and "
@@ -213,8 +213,8 @@ def _avgpool_options(m: nn.AvgPool2d) -> None:
 
 def _avgpool_shape(m: nn.AvgPool2d, s: Shape) -> Shape:
     _rank(m, s, (3,), "[C, H, W]")
-    k, p = _pair(m.kernel_size), _pair(m.padding)
-    st = _pair(m.stride if m.stride is not None else m.kernel_size)
+    k, p = _hw(m.kernel_size), _hw(m.padding)
+    st = _hw(m.stride if m.stride is not None else m.kernel_size)
     return (s[0], *(_window(s[1 + i], k[i], st[i], p[i], 1, m) for i in range(2)))
 
 
@@ -249,6 +249,45 @@ _HINTS = {
     nn.Identity: "remove it (a no-op)",
     nn.Dropout: "remove it (a no-op in eval mode; it has no bound rule)",
 }
+
+
+class LayerRules(dict):
+    """One algorithm's rules, keyed by layer type (``@TABLE.register(nn.Linear, ...)`` fills it). Every
+    table registers itself in :data:`RULE_TABLES` under its algorithm's name, and
+    ``tests/soundness/test_layer_support.py`` checks that each has a rule for every :data:`SUPPORTED_LAYERS`
+    entry. ``by_hierarchy``: :meth:`find` also looks along the layer's base classes (an ``isinstance``
+    lookup) instead of the exact type only."""
+
+    def __init__(self, algorithm: str, by_hierarchy: bool = False) -> None:
+        super().__init__()
+        self.algorithm, self.by_hierarchy = algorithm, by_hierarchy
+        RULE_TABLES[algorithm] = self
+
+    def register(self, *types: type) -> Callable[[Any], Any]:
+        def deco(rule: Any) -> Any:
+            for t in types:
+                self[t] = rule
+            return rule
+        return deco
+
+    def rule_for(self, module: nn.Module, label: str) -> Any:
+        """The rule of ``module``'s type (:meth:`find`); TypeError naming the supported layers when none."""
+        rule = self.find(type(module))
+        if rule is None:
+            known = ", ".join(sorted(t.__name__ for t in self))
+            raise TypeError(f"no {label} rule for layer {type(module).__name__}; supported layers: {known}")
+        return rule
+
+    def find(self, kind: type) -> Any:
+        """The rule of layer type ``kind`` (or of its nearest registered base class, ``by_hierarchy``), or None."""
+        for k in (kind.__mro__ if self.by_hierarchy else (kind,)):
+            if k in self:
+                return self[k]
+        return None
+
+
+# Every algorithm's rule table by algorithm name (filled as the algorithms' modules are imported).
+RULE_TABLES: dict[str, LayerRules] = {}
 
 
 def supported_layers_text() -> str:
@@ -405,5 +444,5 @@ def check_supported(model: nn.Module, input_shape: Sequence[int] | None = None) 
     return [m for _, m in chain]
 
 
-__all__ = ["ALGORITHMS", "LayerSupport", "SUPPORTED_LAYERS", "UnsupportedNetworkError", "WEIGHTED_LAYERS",
-           "check_supported", "supported_layers_text"]
+__all__ = ["ALGORITHMS", "LayerRules", "LayerSupport", "RULE_TABLES", "SUPPORTED_LAYERS", "UnsupportedNetworkError",
+           "WEIGHTED_LAYERS", "check_supported", "supported_layers_text"]

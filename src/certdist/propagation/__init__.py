@@ -1,4 +1,5 @@
-"""Bound propagation algorithms: IBP (ibp.py), CROWN / CROWN-IBP (crown.py), alpha-CROWN (alpha.py)."""
+"""Bound propagation algorithms: IBP (ibp.py), CROWN / CROWN-IBP (crown/: rules, chain and backward passes,
+intermediate bounds, patches, api), alpha-CROWN (alpha.py)."""
 from certdist.propagation.alpha import alpha_crown
 from certdist.propagation.crown import CROWN_RULES, crown, crown_ibp
 from certdist.propagation.ibp import IBP_RULES, ibp, linear_spec_interval, propagate

@@ -6,7 +6,7 @@ from CROWN's adaptive slopes, Adam ascends the lower bound (descends the upper b
 back to [0, 1] after each step, and the best bound seen per sample and specification row is kept: the
 result is never looser than CROWN with the same pre-activation bounds (which are computed once, by
 ``intermediate``, and then held fixed; or passed in by a branch-and-bound verifier through
-``intermediate_bounds``, one :class:`Interval` per ReLU in forward order, see ``crown.py``).
+``intermediate_bounds``, one :class:`Interval` per ReLU in forward order, see :mod:`certdist.propagation.crown`).
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 
 from certdist.bounds import Interval
 from certdist.propagation.ibp import check_bound_inputs
-from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, _chunks, _slice_pre, backward, default_spec,
-                                        prepare, relu_relaxation)
+from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, backward, default_spec, prepare_chain,
+                                        relu_relaxation)
+from certdist.propagation.crown.chain import _chunks, _slice_pre
 
 
 def _clone(t):
@@ -48,7 +49,7 @@ def alpha_crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y
             intermediate_bounds = [None if g is None else Interval(g.lower.clone(), g.upper.clone())
                                    for g in intermediate_bounds]
         with torch.no_grad():
-            chain, box, pre = prepare(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory)
+            chain, box, pre = prepare_chain(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory)
             C = default_spec(x, chain.shapes[-1][0], C, y)
         lows, ups = [], []
         for bs in _chunks(x.shape[0], _samples_per_chunk(chain, C, bound_lower + bound_upper, max_memory)):

@@ -17,26 +17,15 @@ from torch import nn
 from certdist.bounds import Interval
 from certdist.models.cnn import as_certifiable
 from certdist.models.layers import Normalize
-from certdist.models.support import check_supported
+from certdist.models.support import LayerRules, check_supported
 
 Rule = Callable[[nn.Module, Interval, "torch.Tensor | None"], "tuple[Interval, torch.Tensor | None]"]
-IBP_RULES: dict[type, Rule] = {}
-
-
-def register(*types: type) -> Callable[[Rule], Rule]:
-    def deco(fn: Rule) -> Rule:
-        for t in types:
-            IBP_RULES[t] = fn
-        return fn
-    return deco
+IBP_RULES = LayerRules("ibp")  # exact layer type -> Rule
+register = IBP_RULES.register
 
 
 def rule_for(module: nn.Module) -> Rule:
-    rule = IBP_RULES.get(type(module))
-    if rule is None:
-        known = ", ".join(sorted(t.__name__ for t in IBP_RULES))
-        raise TypeError(f"no IBP rule for layer {type(module).__name__}; supported layers: {known}")
-    return rule
+    return IBP_RULES.rule_for(module, "IBP")
 
 
 def _sum_diff(inp: Interval) -> tuple[torch.Tensor, torch.Tensor]:

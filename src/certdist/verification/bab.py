@@ -63,6 +63,18 @@ class DomainBudget:
         """How many domains to split next (each makes two children) within the budget."""
         return int(min(batch, queued, max(self.left() // 2, 0)))
 
+    def next_batch(self, heap: list, batch: int, deadline: float, domains: int) -> tuple[BabResult | None, list]:
+        """One step of a best-first search over ``heap`` (entries ``(lower bound, ...)``, the open domains):
+        ``(unknown result, [])`` once the wall clock passes ``deadline`` or the budget is spent, else
+        ``(None, the at most batch entries popped to split next)``. Both branch-and-bound searches (dense
+        and chain) run on it."""
+        if time.monotonic() > deadline:
+            return BabResult("unknown", heap[0][0], None, domains, "time limit"), []
+        n_pop = self.pop_count(batch, len(heap))
+        if n_pop == 0:
+            return BabResult("unknown", heap[0][0], None, domains, "domain budget"), []
+        return None, [heapq.heappop(heap) for _ in range(n_pop)]
+
 
 @dataclass
 class _Domain:
@@ -271,12 +283,10 @@ class _RowSearch:
         if self.process(root_l, root_u, root_s, lower, mins, scores, torch.zeros(1, dtype=torch.bool)):
             return BabResult("falsified", float(lower.min()), self.counterexample, self.domains)
         while self.heap:
-            if time.monotonic() > self.deadline:
-                return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
-            n_pop = self.budget.pop_count(self.batch, len(self.heap))
-            if n_pop == 0:
-                return BabResult("unknown", self.heap[0][0], None, self.domains, "domain budget")
-            popped = [heapq.heappop(self.heap)[2] for _ in range(n_pop)]
+            stop, entries = self.budget.next_batch(self.heap, self.batch, self.deadline, self.domains)
+            if stop is not None:
+                return stop
+            popped = [e[2] for e in entries]
             c_l, c_u, c_s, first = _children(popped)
             D2 = c_l[0].shape[0]
             if self._refine_bytes(D2, first + 1) <= MAX_REFINE_BYTES:  # else keep the parents' bounds

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from certdist.bounds import Interval, LinearBounds
-from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, backward_rule_for, prepare, relu_relaxation,
+from certdist.propagation.crown import (DEFAULT_MAX_MEMORY, Chain, backward_rule_for, prepare_chain, relu_relaxation,
                                         tighten_intermediate)
 from certdist.verification.bab import BabResult, DomainBudget, combine_rows
 
@@ -237,12 +237,9 @@ class _RowSearch:
         if self.process(root, splits, *self.bound(root, splits)):
             return BabResult("falsified", -math.inf, self.counterexample, self.domains)
         while self.heap:
-            if time.monotonic() > self.deadline:
-                return BabResult("unknown", self.heap[0][0], None, self.domains, "time limit")
-            n_pop = self.budget.pop_count(self.batch, len(self.heap))
-            if n_pop == 0:
-                return BabResult("unknown", self.heap[0][0], None, self.domains, "domain budget")
-            popped = [heapq.heappop(self.heap) for _ in range(n_pop)]
+            stop, popped = self.budget.next_batch(self.heap, self.batch, self.deadline, self.domains)
+            if stop is not None:
+                return stop
             pre, splits, layers, warm = self.children(popped)
             with torch.no_grad():
                 pre = self.tighten(pre, layers)
@@ -297,9 +294,9 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
     x = x.to(dtype)
     with torch.no_grad():
         if root_bounds is None:
-            chain, box, pre = prepare(net, x, threat, None, None, "best", None, max_memory)
+            chain, box, pre = prepare_chain(net, x, threat, None, None, "best", None, max_memory)
         else:
-            chain, box, pre = prepare(net, x, threat, None, None, "ibp", None, max_memory)
+            chain, box, pre = prepare_chain(net, x, threat, None, None, "ibp", None, max_memory)
             pre = _intersect(chain, pre, root_bounds, dtype)
     budget = DomainBudget(max_domains)
     return combine_rows((_RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr,

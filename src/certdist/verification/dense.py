@@ -19,26 +19,23 @@ from torch import nn
 
 from certdist.models.cnn import flat_layers
 from certdist.models.layers import Normalize
+from certdist.models.support import LayerRules
 from certdist.propagation.ibp import check_fixed_batchnorm
 
 # How the dense form reads each layer type (looked up along the layer's class hierarchy, :func:`dense_role`):
 # a ReLU ends an affine block, an affine layer is folded into its block by its torch forward. Every type of
 # the layer-support contract (:data:`certdist.models.support.SUPPORTED_LAYERS`) has a role
 # (tests/soundness/test_layer_support.py).
-DENSE_ROLES: dict[type, str] = {
-    nn.ReLU: "relu",
-    **{t: "affine" for t in (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
-                             nn.Identity, nn.Dropout)},
-}
+DENSE_ROLES = LayerRules("dense", by_hierarchy=True)  # layer type -> "relu" | "affine"
+DENSE_ROLES[nn.ReLU] = "relu"
+DENSE_ROLES.update({t: "affine" for t in (Normalize, nn.Conv2d, nn.Linear, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d,
+                                          nn.AvgPool2d, nn.Identity, nn.Dropout)})
 AFFINE_TYPES: tuple[type, ...] = tuple(t for t, role in DENSE_ROLES.items() if role == "affine")
 
 
 def dense_role(m: nn.Module) -> str | None:
     """``"relu"``, ``"affine"`` or None (no role: the dense form refuses the layer)."""
-    for kind in type(m).__mro__:
-        if kind in DENSE_ROLES:
-            return DENSE_ROLES[kind]
-    return None
+    return DENSE_ROLES.find(type(m))
 
 
 class TooLargeError(ValueError):

@@ -2,7 +2,7 @@
 
 The verifier bounds the *exact* function of the network's float32 weights (in float64, whose own
 rounding is ~2^29 times smaller than what is bounded here), but a user runs the float32 network, whose
-rounding can tie or flip a class when the exact margin is tiny (issue 10, case 1). This module gives,
+rounding can tie or flip a class when the exact margin is tiny. This module gives,
 for every logit, a bound ``e`` with ``|float32 logit - exact logit| <= e`` for *every* float32 input in
 the box, by a forward error recursion over the layers (Higham, *Accuracy and Stability of Numerical
 Algorithms*, 2002, ch. 3): with ``u = 2^-24`` and ``gamma(n) = n u / (1 - n u)``, an affine output
@@ -34,6 +34,7 @@ from torch import nn
 
 from certdist.bounds import Interval
 from certdist.models.layers import Normalize
+from certdist.models.support import LayerRules
 from certdist.propagation.crown import layers_of
 from certdist.propagation.ibp import batchnorm_affine, propagate
 
@@ -64,23 +65,16 @@ def _no_overflow(e: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
 # input error ``e``. Every type of the layer-support contract (:data:`certdist.models.support.SUPPORTED_LAYERS`)
 # has one (tests/soundness/test_layer_support.py).
 RoundingRule = Callable[[nn.Module, Interval, torch.Tensor], torch.Tensor]
-ROUNDING_RULES: dict[type, RoundingRule] = {}
-
-
-def register(*types: type) -> Callable[[RoundingRule], RoundingRule]:
-    def deco(fn: RoundingRule) -> RoundingRule:
-        for t in types:
-            ROUNDING_RULES[t] = fn
-        return fn
-    return deco
+ROUNDING_RULES = LayerRules("rounding", by_hierarchy=True)  # layer type -> RoundingRule
+register = ROUNDING_RULES.register
 
 
 def rounding_rule_for(m: nn.Module) -> RoundingRule:
     """The rule of ``m``'s type or of its nearest registered base class; TypeError when none."""
-    for kind in type(m).__mro__:
-        if kind in ROUNDING_RULES:
-            return ROUNDING_RULES[kind]
-    raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
+    rule = ROUNDING_RULES.find(type(m))
+    if rule is None:
+        raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
+    return rule
 
 
 @register(nn.ReLU)
