@@ -424,7 +424,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
 
 
 def plot_diagnosis(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """What distillation does during training (issue 11), per epoch and run, from ``metrics.csv``: the
+    """What distillation does during training, per epoch and run, from ``metrics.csv``: the
     certified loss against the weighted distillation term; the term's box-centre and box-width parts;
     the student's feature norm and IBP feature-box width against the teacher's feature norm; the
     evaluation split's clean and IBP-certified accuracy. Missing columns (no teacher) are skipped."""

@@ -123,10 +123,10 @@ def test_root_bounds_are_used_and_nan_falls_back_to_ibp():
     assert res.status == ref.status == "verified"
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_tightened_split_bounds_contain_points_that_satisfy_the_splits(seed):
-    net = tiny_conv_net(seed, bn=bool(seed))
-    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed))
+def _two_splits(net, x):
+    """The tiny conv net's chain over the eps-0.2 box around ``x``, its CROWN pre-activation bounds, and
+    the same bounds with two unstable neurons of the first ReLU split (the first active: ``l = 0``, the
+    second inactive: ``u = 0``): ``(box, chain, pre, split, first ReLU's index, the two neurons)``."""
     box = ThreatModel(0.2).box(x)
     chain = build_chain(net, x)
     pre = intermediate_bounds_of(chain, box, "crown")
@@ -135,10 +135,17 @@ def test_tightened_split_bounds_contain_points_that_satisfy_the_splits(seed):
     idx = torch.nonzero(unstable.flatten()).flatten()[:2]
     assert len(idx) == 2, "need two unstable neurons to split"
     lo, up = pre[first].lower.clone().flatten(), pre[first].upper.clone().flatten()
-    lo[idx[0]] = 0.0   # neuron 0 active
-    up[idx[1]] = 0.0   # neuron 1 inactive
+    lo[idx[0]], up[idx[1]] = 0.0, 0.0  # neuron 0 active, neuron 1 inactive
     split = dict(pre)
     split[first] = Interval(lo.view_as(pre[first].lower), up.view_as(pre[first].upper))
+    return box, chain, pre, split, first, idx
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tightened_split_bounds_contain_points_that_satisfy_the_splits(seed):
+    net = tiny_conv_net(seed, bn=bool(seed))
+    x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed))
+    box, chain, pre, split, first, idx = _two_splits(net, x)
     tight = tighten_intermediate(chain, box, split, first + 1)
     later = [i for i in chain.relus if i > first]
     assert any((tight[i].lower > pre[i].lower + 1e-6).any() or (tight[i].upper < pre[i].upper - 1e-6).any()
@@ -162,16 +169,7 @@ def test_alpha_beta_bound_of_a_split_domain_holds_on_its_points(seed):
     from certdist.verification.chain_bab import _backward, _bound_domains
     net = tiny_conv_net(seed, bn=bool(seed)).double().requires_grad_(False)  # as chain_bab_verify runs it
     x = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(seed)).double()
-    box = ThreatModel(0.2).box(x)
-    chain = build_chain(net, x)
-    pre = intermediate_bounds_of(chain, box, "crown")
-    first = chain.relus[0]
-    _, _, _, unstable = relu_relaxation(pre[first])
-    idx = torch.nonzero(unstable.flatten()).flatten()[:2]
-    lo, up = pre[first].lower.clone().flatten(), pre[first].upper.clone().flatten()
-    lo[idx[0]], up[idx[1]] = 0.0, 0.0
-    split = dict(pre)
-    split[first] = Interval(lo.view_as(pre[first].lower), up.view_as(pre[first].upper))
+    box, chain, pre, split, first, idx = _two_splits(net, x)
     split = tighten_intermediate(chain, box, split, first + 1)
     signs = {i: torch.zeros(v.lower.shape, dtype=torch.int8) for i, v in split.items()}
     signs[first].view(-1)[idx[0]], signs[first].view(-1)[idx[1]] = 1, -1

@@ -104,11 +104,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
     return best.detach()
 
 
-def fgsm_like(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, **kw) -> torch.Tensor:
-    """One step of PGD with random start and step 10 * eps (the expressive-losses training attack)."""
-    return pgd(model, x, y, threat, steps=1, step_size=10.0, relative_step=True, **kw)
-
-
 def search_counterexample(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, steps: int,
                           restarts: int = 1, loss: str = "margin", step_size: float | None = None,
                           generator: torch.Generator | None = None, deadline: float = float("inf")

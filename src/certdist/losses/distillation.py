@@ -1,5 +1,5 @@
-"""CC-Dist's distillation losses (De Palma 2026, reconstructed form in METHOD.md) and the variants of
-issue 11, as pure functions.
+"""CC-Dist's distillation losses (De Palma 2026, reconstructed form in METHOD.md) and the variants compared
+on the validation split (docs/results.md), as pure functions.
 
 - ``box`` (the paper's form): the student's convex-combination box ``(1-alpha) h(x_adv) + alpha [l, u]``
   and the teacher's features ``t``: the worst case of ``||h - t||^2`` over the box is attained

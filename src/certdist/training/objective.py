@@ -149,7 +149,7 @@ def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Ten
     loss = CERTIFIED_LOSSES[method](logits_adv, zd_lb, y, cfg.alpha)
 
     stats["cert_loss"] = loss.item()
-    with torch.no_grad():  # diagnostics (issue 11): the student's feature boxes and feature norms
+    with torch.no_grad():  # diagnostics: the student's feature boxes and feature norms
         stats["feat_width"] = (feat_box.upper - feat_box.lower).mean().item()
         if feats_adv is not None:
             stats["feat_norm"] = feats_adv.flatten(1).norm(dim=1).mean().item()
@@ -173,7 +173,7 @@ def _beta(cfg: RunConfig, target: torch.Tensor) -> float:
 
 def _distill_term(cfg, ctx, model, x, idx, x_adv, feats_adv, logits_adv, feat_box, teacher, stats, y,
                   zd_lb) -> torch.Tensor:
-    """beta * (the configured distillation loss); logs its parts for the diagnosis (issue 11). ``zd_lb``: the
+    """beta * (the configured distillation loss); logs its parts for the diagnosis. ``zd_lb``: the
     certified loss's lower bounds of the logit differences (None at eps 0, where the box is the point)."""
     d = cfg.distill
     if ctx.dist_scale == 0:  # switched off by the beta schedule: no teacher pass

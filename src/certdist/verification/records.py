@@ -21,7 +21,7 @@ from certdist.verification.settings import STATUSES, CertifyConfig
 
 # Bump on every change of the bound code or of the stages' policy that can change a verdict (a rule, a
 # tolerance, a stage added or reordered): resuming a file of another version then refuses instead of
-# mixing old and new verdicts. 2026.11.2: APGD stage, chain-BaB warm starts (stop 15); .3: versioned;
+# mixing old and new verdicts. 2026.11.2: APGD stage, chain-BaB warm starts; .3: versioned;
 # .4: float32 tolerance from CROWN's activation ranges once the CROWN stage ran; .5: the CROWN stage's
 # intermediate bounds are "best" (CROWN where IBP leaves neurons unstable, intersected with IBP).
 # 2026.12.1: the effort-budget schedule (quick attack, IBP + CROWN, full attack, alpha-CROWN, complete
@@ -69,15 +69,12 @@ def resumed_indices(out: Path, threat: ThreatModel, fp: dict[str, Any]) -> set[i
         if missing:
             raise ValueError(f"{out}: point {r['index']} has no {'/'.join(missing)} fingerprint (written by an "
                              f"older certdist), so its verdict cannot be matched to this run; {fix}")
-        if r["verifier"] != fp["verifier"]:
-            raise ValueError(f"{out} holds verdicts of verifier version {r['verifier']}, this is "
-                             f"{fp['verifier']} (the bounds or stages changed since); {fix}")
-        if r["model_hash"] != fp["model_hash"]:
-            raise ValueError(f"{out} holds verdicts of another model (state hash {r['model_hash']}, this model: "
-                             f"{fp['model_hash']}), e.g. of an earlier or retrained checkpoint; {fix}")
-        if r["data_hash"] != fp["data_hash"]:
-            raise ValueError(f"{out} holds verdicts on other data (hash {r['data_hash']}, these images: "
-                             f"{fp['data_hash']}); {fix}")
+        for key, what in (("verifier", "of verifier version {}, this is {} (the bounds or stages changed since)"),
+                          ("model_hash", "of another model (state hash {}, this model: {}), e.g. of an earlier or "
+                                         "retrained checkpoint"),
+                          ("data_hash", "on other data (hash {}, these images: {})")):
+            if r[key] != fp[key]:
+                raise ValueError(f"{out} holds verdicts {what.format(r[key], fp[key])}; {fix}")
         if r["settings"] != fp["settings"]:
             diff = sorted(set(r["settings"]) | set(fp["settings"]))
             diff = [f"{k}: {r['settings'].get(k)!r} there, {fp['settings'].get(k)!r} now" for k in diff
