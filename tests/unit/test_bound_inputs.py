@@ -54,3 +54,23 @@ def test_train_mode_batchnorm_needs_batch_stats(name):
         net.eval()
         evals = FUNCTIONS[name](net, x, threat)  # the eval-mode network, as certify verifies it
         assert torch.equal(evals.lower, FUNCTIONS[name](net, x, threat, batch_stats=True).lower)
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_the_input_box_can_be_given_itself(name):
+    """Bounds in, bound out: ``box=`` replaces the threat model's box (the same bounds for the same box;
+    a smaller box gives bounds at least as tight), a box of another shape or with an ``eps`` is refused,
+    and with a box the threat model may be None (no data range to check)."""
+    net = random_net("conv", 0).eval()
+    x = _points(net)
+    threat = ThreatModel(0.1)
+    with torch.no_grad():
+        ref = FUNCTIONS[name](net, x, threat)
+        same = FUNCTIONS[name](net, x, threat, box=threat.box(x))
+        small = FUNCTIONS[name](net, x, None, box=ThreatModel(0.05).box(x))
+    assert torch.equal(ref.lower, same.lower) and torch.equal(ref.upper, same.upper)
+    assert (small.lower >= ref.lower - 1e-5).all() and (small.upper <= ref.upper + 1e-5).all()
+    with pytest.raises(ValueError, match="shape"):
+        FUNCTIONS[name](net, x, threat, box=threat.box(x[:1]))
+    with pytest.raises(ValueError, match="no effect"):
+        FUNCTIONS[name](net, x, threat, box=threat.box(x), eps=0.2)

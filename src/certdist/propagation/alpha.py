@@ -29,9 +29,10 @@ def alpha_crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y
                 iterations: int = 20, lr: float = 0.1, intermediate: str = "crown", ref: torch.Tensor | None = None,
                 intermediate_bounds: Sequence[Interval | None] | None = None, bound_lower: bool = True,
                 bound_upper: bool = True, lr_decay: float = 0.98, eps: float | None = None,
-                return_intermediate: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, batch_stats: bool = False):
-    """alpha-CROWN bounds of ``C z`` over the threat model's box around ``x``: an :class:`Interval`
-    [B, S] (detached; a side not asked for is -inf / +inf).
+                return_intermediate: bool = False, max_memory: int = DEFAULT_MAX_MEMORY, batch_stats: bool = False,
+                box: Interval | None = None):
+    """alpha-CROWN bounds of ``C z`` over the threat model's box around ``x`` (or over ``box`` when given):
+    an :class:`Interval` [B, S] (detached; a side not asked for is -inf / +inf).
 
     ``C`` / ``y`` as in :func:`certdist.propagation.crown.crown`; ``iterations`` Adam steps with learning
     rate ``lr`` (multiplied by ``lr_decay`` after each step). Works under ``torch.no_grad`` and
@@ -49,7 +50,8 @@ def alpha_crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y
             intermediate_bounds = [None if g is None else Interval(g.lower.clone(), g.upper.clone())
                                    for g in intermediate_bounds]
         with torch.no_grad():
-            chain, box, pre = prepare_chain(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory)
+            chain, box, pre = prepare_chain(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory,
+                                            box)
             C = default_spec(x, chain.shapes[-1][0], C, y)
         lows, ups = [], []
         for bs in _chunks(x.shape[0], _samples_per_chunk(chain, C, bound_lower + bound_upper, max_memory)):

@@ -241,10 +241,27 @@ def check_bound_inputs(model: nn.Module, x: torch.Tensor, threat, batch_stats: b
                 "batch_stats=True for training bounds (batch statistics, as in certified training)")
 
 
+def input_box(x: torch.Tensor, threat, eps: float | None = None, box: Interval | None = None) -> Interval:
+    """The input box every bound function works on: ``box`` itself when given (bounds in, bound out; e.g.
+    certify's float32 box cast to float64), else the threat model's box around ``x`` (radius ``eps`` if
+    given). A given box must have ``x``'s shape and must not come with another ``eps``; with a box the
+    threat model may be None (then nothing checks ``x`` against a data range: a VNN-LIB box)."""
+    if box is None:
+        if threat is None:
+            raise ValueError("give a threat model or the input box itself (box=...)")
+        return threat.box(x, eps)
+    if eps is not None and (threat is None or eps != threat.eps):
+        raise ValueError(f"the box is given, so eps={eps} has no effect")
+    if tuple(box.lower.shape) != tuple(x.shape) or tuple(box.upper.shape) != tuple(x.shape):
+        raise ValueError(f"the box has shape {tuple(box.lower.shape)}, x has shape {tuple(x.shape)}")
+    return box
+
+
 def ibp(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, eps: float | None = None,
-        return_features: bool = False, batch_stats: bool = False):
+        return_features: bool = False, batch_stats: bool = False, box: Interval | None = None):
     """IBP bounds of the model's outputs (or of ``C z`` when a specification is given) over the
-    threat model's box around ``x``. A network with BatchNorm in training mode is refused unless
+    threat model's box around ``x``, or over ``box`` when given (:func:`input_box`). A network with BatchNorm
+    in training mode is refused unless
     ``batch_stats`` (then those layers take their statistics from ``x``), and so is an ``x`` outside the
     threat model's data range (:func:`check_bound_inputs`).
 
@@ -254,7 +271,7 @@ def ibp(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, eps: floa
     check_supported(model, x.shape[1:])  # the layer-support contract, before any work
     check_bound_inputs(model, x, threat, batch_stats)
     model = as_certifiable(model)
-    box = threat.box(x, eps)
+    box = input_box(x, threat, eps, box)
     feats = propagate(model.features, box, ref=x)
     if C is None:
         out, _ = _linear(model.head, feats, None)

@@ -271,8 +271,10 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
                      check: Callable[[torch.Tensor], torch.Tensor | None], threshold: float = 0.0,
                      batch: int = 32, alpha_steps: int = 10, alpha_lr: float = 0.1,
                      dtype: torch.dtype = torch.float64, max_memory: int = DEFAULT_MAX_MEMORY,
-                     root_bounds: Sequence[Interval] | None = None, max_domains: int | None = None) -> BabResult:
-    """Decide ``C logits > threshold`` on the threat box around ``x`` [1, ...] (``C``: [S, K]) row by row.
+                     root_bounds: Sequence[Interval] | None = None, max_domains: int | None = None,
+                     box: Interval | None = None) -> BabResult:
+    """Decide ``C logits > threshold`` on the threat box around ``x`` [1, ...] (``C``: [S, K]), or on ``box``
+    when given, row by row.
 
     ``check(flat point)`` receives a candidate input (flat, ``dtype``) and returns the validated
     counterexample or ``None``. The returned ``lower`` is a proven lower bound of the smallest margin
@@ -294,9 +296,9 @@ def chain_bab_verify(model: nn.Module, x: torch.Tensor, threat, C: torch.Tensor,
     x = x.to(dtype)
     with torch.no_grad():
         if root_bounds is None:
-            chain, box, pre = prepare_chain(net, x, threat, None, None, "best", None, max_memory)
+            chain, box, pre = prepare_chain(net, x, threat, None, None, "best", None, max_memory, box)
         else:
-            chain, box, pre = prepare_chain(net, x, threat, None, None, "ibp", None, max_memory)
+            chain, box, pre = prepare_chain(net, x, threat, None, None, "ibp", None, max_memory, box)
             pre = _intersect(chain, pre, root_bounds, dtype)
     budget = DomainBudget(max_domains)
     return combine_rows((_RowSearch(net, chain, box, threat, c, check, threshold, batch, alpha_steps, alpha_lr,

@@ -10,7 +10,6 @@ same rule as ``certify`` (:func:`ibp_proved`) without loading them.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,25 +34,11 @@ def eval_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-class FixedBox:
-    """The threat model with its box fixed to the float32 box cast to float64: bounds in float64 must
-    cover every float32 point that :func:`validate_counterexample` accepts, and the float32 box
-    ``clip(x -/+ eps)`` differs from the float64 one by its rounding."""
-
-    def __init__(self, threat: ThreatModel, box: Interval) -> None:
-        self.threat, self.fixed = threat, box
-
-    def box(self, x: torch.Tensor, eps: float | None = None) -> Interval:
-        if eps is not None and eps != self.threat.eps:
-            raise ValueError(f"the box is fixed at eps={self.threat.eps}, got eps={eps}")
-        return self.fixed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.threat, name)
-
-
 def box_float64(threat: ThreatModel, x: torch.Tensor) -> Interval:
-    """The float32 box around ``x`` cast to float64 (the box every bound is computed over)."""
+    """The float32 box around ``x`` cast to float64: the box every bound is computed over (passed to the
+    bound functions as ``box``). Bounds in float64 must cover every float32 point that
+    :func:`validate_counterexample` accepts, and the float32 box ``clip(x -/+ eps)`` differs from the
+    float64 one by its rounding."""
     box = threat.box(x)
     return Interval(box.lower.to(torch.float64), box.upper.to(torch.float64))
 
@@ -76,7 +61,7 @@ def ibp_proved(net64: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threa
     classifies ``x`` correctly is the caller's check."""
     box64 = box_float64(threat, x)
     C = margin_matrix(y, num_classes).to(torch.float64)
-    lower = ibp(net64, x.to(torch.float64), FixedBox(threat, box64), C=C).lower
+    lower = ibp(net64, x.to(torch.float64), threat, C=C, box=box64).lower
     tol = tolerance(net64, box64, C)
     return lower, tol, proved(lower, tol).all(dim=1)
 
@@ -107,5 +92,5 @@ def candidate_checker(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatM
     return check
 
 
-__all__ = ["CEX_TOL", "FixedBox", "box_float64", "candidate_checker", "eval_copy", "ibp_proved", "proved", "tolerance",
+__all__ = ["CEX_TOL", "box_float64", "candidate_checker", "eval_copy", "ibp_proved", "proved", "tolerance",
            "validate_counterexample"]

@@ -41,7 +41,7 @@ from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import DenseNet, TooLargeError, count_unstable, crown_bounds, dense_from_model
 from certdist.verification.milp import milp_verify
 from certdist.verification.settings import CertifyConfig
-from certdist.verification.soundness import (FixedBox, box_float64, candidate_checker, eval_copy, proved, tolerance,
+from certdist.verification.soundness import (box_float64, candidate_checker, eval_copy, proved, tolerance,
                                              validate_counterexample)
 
 
@@ -168,8 +168,8 @@ def _generator(x: torch.Tensor, cfg: CertifyConfig, index: int, k: int) -> torch
 class PointContext:
     """What the stages of one point share: the point (``x`` [1, C, H, W], label ``y``), the networks
     (``v``), the threat model and settings, the budget (``p``), the clean prediction, and what the bound
-    stage sets for the later ones: the float32 box in float64 (``box64``; ``box``: as a :class:`FixedBox`),
-    ``x64``, the margin matrix ``C`` [1, S, K], the float32 tolerance ``tol`` [S], the best lower bound per
+    stage sets for the later ones: the float32 box in float64 (``box64``, which the bound functions take as
+    their ``box``), ``x64``, the margin matrix ``C`` [1, S, K], the float32 tolerance ``tol`` [S], the best lower bound per
     row ``best`` [S] and CROWN's pre-activation bounds per ReLU ``pre`` (None when CROWN did not run)."""
 
     v: Verifier
@@ -181,7 +181,6 @@ class PointContext:
     y_t: torch.Tensor
     pred: int | None = None
     box64: Interval | None = None
-    box: FixedBox | None = None
     x64: torch.Tensor | None = None
     C: torch.Tensor | None = None
     tol: torch.Tensor | None = None
@@ -213,11 +212,10 @@ def quick_attack_stage(ctx: PointContext) -> dict[str, Any] | None:
 def bound_stage(ctx: PointContext) -> dict[str, Any] | None:
     """IBP, then CROWN, over the float32 box in float64 (``ibp`` / ``crown``): ``verified``. Sets the box,
     the margin matrix, the float32 tolerance, the best bounds and CROWN's pre-activation bounds."""
-    ctx.box64 = box_float64(ctx.threat, ctx.x)
-    ctx.box, ctx.x64 = FixedBox(ctx.threat, ctx.box64), ctx.x.to(torch.float64)
+    ctx.box64, ctx.x64 = box_float64(ctx.threat, ctx.x), ctx.x.to(torch.float64)
     ctx.C = margin_matrix(ctx.y_t, num_classes_of(ctx.v.net, ctx.x)).to(torch.float64)
     tol = tolerance(ctx.v.net64, ctx.box64, ctx.C)[0]
-    proved_by, ctx.best, ctx.pre, ctx.tol = _ibp_crown(ctx.v.net64, ctx.x64, ctx.box, ctx.C, tol, ctx.p)
+    proved_by, ctx.best, ctx.pre, ctx.tol = _ibp_crown(ctx.v.net64, ctx.x64, ctx.threat, ctx.box64, ctx.C, tol, ctx.p)
     return None if proved_by is None else ctx.record("verified", proved_by)
 
 
@@ -232,7 +230,8 @@ def full_attack_stage(ctx: PointContext) -> dict[str, Any] | None:
 
 def alpha_crown_stage(ctx: PointContext) -> dict[str, Any] | None:
     """alpha-CROWN from CROWN's intermediate bounds (``alpha-crown``): ``verified``."""
-    done, ctx.best = _alpha_stage(ctx.v.net64, ctx.x64, ctx.box, ctx.C, ctx.best, ctx.tol, ctx.pre, ctx.cfg, ctx.p)
+    done, ctx.best = _alpha_stage(ctx.v.net64, ctx.x64, ctx.threat, ctx.box64, ctx.C, ctx.best, ctx.tol, ctx.pre,
+                                  ctx.cfg, ctx.p)
     return ctx.record("verified", "alpha-crown") if done else None
 
 
@@ -332,15 +331,15 @@ def _full_attack(model, x, y_t, threat, cfg: CertifyConfig, p: Point) -> tuple[t
     return (x_adv if validate_counterexample(model, x_adv, x, int(y_t), threat) else None), "apgd"
 
 
-def _ibp_crown(net64, x64, box: FixedBox, C, tol, p: Point
+def _ibp_crown(net64, x64, threat, box: Interval, C, tol, p: Point
                ) -> tuple[str | None, torch.Tensor, list[Interval] | None, torch.Tensor]:
     """IBP, then CROWN (intermediate bounds "best": CROWN where IBP leaves neurons unstable, intersected
-    with IBP), in float64 over ``box`` (the float32 box in float64, as a :class:`FixedBox`). Returns (proving stage or None, best
+    with IBP), in float64 over ``box`` (the float32 box in float64). Returns (proving stage or None, best
     lower bound per row [S], CROWN's pre-activation bounds per ReLU or None, the float32 tolerance per row
     [S]). ``tol`` (from IBP's activation ranges) is tightened with CROWN's: both are sound, so is their
     minimum. A stage proves the point when every row is proved."""
     with _timed(p, "ibp"), torch.no_grad():
-        best = _finite_or_minus_inf(ibp(net64, x64, box, C=C).lower[0])
+        best = _finite_or_minus_inf(ibp(net64, x64, threat, C=C, box=box).lower[0])
         p.spend("ibp", bound_passes=1)
     p.margins["ibp"] = float(best.min())
     if proved(best, tol).all():
@@ -349,16 +348,17 @@ def _ibp_crown(net64, x64, box: FixedBox, C, tol, p: Point
         p.cap("ibp")
         return None, best, None, tol
     with _timed(p, "crown"), torch.no_grad():
-        out, pre = crown(net64, x64, box, C=C, intermediate="best", bound_upper=False, return_intermediate=True)
+        out, pre = crown(net64, x64, threat, C=C, intermediate="best", bound_upper=False, return_intermediate=True,
+                         box=box)
         p.spend("crown", bound_passes=1)
-        tol = torch.minimum(tol, tolerance(net64, box.fixed, C, relu_bounds=pre)[0])
+        tol = torch.minimum(tol, tolerance(net64, box, C, relu_bounds=pre)[0])
     low = _finite_or_minus_inf(out.lower[0].detach())
     p.margins["crown"] = float(low.min())
     best = torch.maximum(best, low)
     return ("crown" if proved(best, tol).all() else None), best, pre, tol
 
 
-def _alpha_stage(net64, x64, box: FixedBox, C, best, tol, pre, cfg: CertifyConfig, p: Point
+def _alpha_stage(net64, x64, threat, box: Interval, C, best, tol, pre, cfg: CertifyConfig, p: Point
                  ) -> tuple[bool, torch.Tensor]:
     """alpha-CROWN (``alpha_iterations`` steps) from CROWN's intermediate bounds; (proved, best lower bound)."""
     if cfg.alpha_iterations == 0:
@@ -367,8 +367,8 @@ def _alpha_stage(net64, x64, box: FixedBox, C, best, tol, pre, cfg: CertifyConfi
         p.cap("alpha-crown")
         return False, best
     with _timed(p, "alpha-crown"), torch.no_grad():
-        out = alpha_crown(net64, x64, box, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
-                          intermediate="crown", intermediate_bounds=pre, bound_upper=False)
+        out = alpha_crown(net64, x64, threat, C=C, iterations=cfg.alpha_iterations, lr=cfg.alpha_lr,
+                          intermediate="crown", intermediate_bounds=pre, bound_upper=False, box=box)
         p.spend("alpha-crown", bound_passes=cfg.alpha_iterations)
     low = _finite_or_minus_inf(out.lower[0].detach())
     p.margins["alpha-crown"] = float(low.min())
@@ -442,9 +442,10 @@ def _chain_complete(model, x, y: int, threat, box64: Interval, C_rows, tol_rows,
     tolerance of the open rows (the soundness policy). Returns (status, stage, counterexample, extra)."""
     threshold = float(tol_rows.max()) if tol_rows.numel() else 0.0
     with _timed(p, "chain-bab"):
-        res = chain_bab_verify(model, x, FixedBox(threat, box64), C_rows, max(p.left(), 1e-3),
+        res = chain_bab_verify(model, x, threat, C_rows, max(p.left(), 1e-3),
                                candidate_checker(model, x, y, threat), threshold=threshold, batch=cfg.bab_batch,
-                               alpha_steps=cfg.chain_bab_alpha_steps, root_bounds=pre, max_domains=cfg.max_domains)
+                               alpha_steps=cfg.chain_bab_alpha_steps, root_bounds=pre, max_domains=cfg.max_domains,
+                               box=box64)
         p.spend("chain-bab", domains=res.domains)
     if res.status == "verified":
         p.margins["chain-bab"] = res.lower

@@ -125,16 +125,6 @@ class OnnxNetwork:
         return cls(str(path), net, net64, (onnx_session(path), onnx_session(path, optimize=False)))
 
 
-class _Box:
-    """A fixed input box in the shape the bound functions take as a threat model."""
-
-    def __init__(self, box: Interval) -> None:
-        self.fixed = box
-
-    def box(self, x: torch.Tensor, eps: float | None = None) -> Interval:
-        return self.fixed
-
-
 def read_property(path: str | os.PathLike) -> VnnlibProperty:
     """:func:`certdist.interop.vnnlib.parse_vnnlib` of ``path`` (``.vnnlib`` or ``.vnnlib.gz``, or
     the text itself when it contains '(')."""
@@ -299,13 +289,13 @@ def _bound_stages(inst: _Instance, res: VerifyResult) -> tuple[list[Interval] | 
     per open disjunct, (best row, its lower bound minus ``b`` minus the tolerance)."""
     from certdist.propagation.alpha import alpha_crown
     from certdist.propagation.crown import crown
-    net64, box, x64 = inst.network.net64, _Box(inst.box64), inst.x64
+    net64, box, x64 = inst.network.net64, inst.box64, inst.x64  # the box itself: no threat model, no data range
     if any(ok and inst.rows[d] == 0 for d, ok in enumerate(inst.open)):  # no constraints: nothing to bound
         return None, {}
     err = fp32_error_bound(net64, inst.box64, input_slack=0.0)
     C, b, owner = inst.spec()
     with torch.no_grad():
-        best = ibp(net64, x64, box, C=C).lower[0]
+        best = ibp(net64, x64, None, C=C, box=box).lower[0]
     tol = margin_tolerance(err, C)[0]
     inst.close(best, b, tol, owner)
     res.open_disjuncts["ibp"] = sum(inst.open)
@@ -320,13 +310,13 @@ def _bound_stages(inst: _Instance, res: VerifyResult) -> tuple[list[Interval] | 
         owner = [d for d, k in zip(owner, keep.tolist()) if k]
         with torch.no_grad():
             if stage == "crown":
-                out, pre = crown(net64, x64, box, C=C, intermediate="best", bound_upper=False,
-                                 return_intermediate=True)
+                out, pre = crown(net64, x64, None, C=C, intermediate="best", bound_upper=False,
+                                 return_intermediate=True, box=box)
                 err = torch.minimum(err, fp32_error_bound(net64, inst.box64, input_slack=0.0, relu_bounds=pre))
                 tol = torch.minimum(tol, margin_tolerance(err, C)[0])
             else:
-                out = alpha_crown(net64, x64, box, C=C, iterations=inst.cfg.alpha_iterations, lr=inst.cfg.alpha_lr,
-                                  intermediate="crown", intermediate_bounds=pre, bound_upper=False)
+                out = alpha_crown(net64, x64, None, C=C, iterations=inst.cfg.alpha_iterations, lr=inst.cfg.alpha_lr,
+                                  intermediate="crown", intermediate_bounds=pre, bound_upper=False, box=box)
         low = torch.nan_to_num(out.lower[0].detach(), nan=-float("inf"), posinf=-float("inf"))
         best = torch.maximum(best, low)
         inst.close(best, b, tol, owner)
@@ -352,9 +342,9 @@ def _bab(inst: _Instance, gap: dict, pre, res: VerifyResult):
         def check(flat: torch.Tensor, d=d):
             x = flat.view(1, *inst.info.model_shape)
             return x if inst.confirm(x, torch.tensor([d])) is not None else None
-        out = chain_bab_verify(inst.network.net, inst.x64, _Box(inst.box64), row[None], inst.left() / max(others, 1),
+        out = chain_bab_verify(inst.network.net, inst.x64, None, row[None], inst.left() / max(others, 1),
                                check, threshold=threshold, batch=inst.cfg.bab_batch,
-                               alpha_steps=inst.cfg.bab_alpha_steps, root_bounds=pre)
+                               alpha_steps=inst.cfg.bab_alpha_steps, root_bounds=pre, box=inst.box64)
         if out.status == "verified":
             inst.open[d] = False
         elif out.status == "falsified" and out.counterexample is not None:

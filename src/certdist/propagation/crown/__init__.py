@@ -2,7 +2,7 @@
 
 A specification ``C z`` of the network's output ``z`` is bounded by two linear functions of the input,
 ``lA x + lb <= C z <= uA x + ub``, built by walking ``model.layers()`` backwards with one rule per layer
-type (:data:`CROWN_RULES`), then concretised over the threat model's box (``threat.box(x)``).
+type (:data:`CROWN_RULES`), then concretised over the threat model's box (``threat.box(x)``) or the ``box`` given.
 
 ReLU relaxation, for pre-activation bounds ``l < 0 < u`` ("unstable"): upper bound the chord
 ``u (z - l) / (u - l)``; lower bound ``alpha z`` with ``alpha`` in [0, 1], by default the adaptive slope

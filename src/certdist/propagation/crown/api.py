@@ -10,7 +10,7 @@ from certdist.bounds import Interval
 from certdist.models.support import check_supported
 from certdist.propagation.crown.chain import DEFAULT_MAX_MEMORY, Chain, bound_spec, build_chain
 from certdist.propagation.crown.intermediate import intermediate_bounds_of
-from certdist.propagation.ibp import check_bound_inputs
+from certdist.propagation.ibp import check_bound_inputs, input_box
 from certdist.specs import margin_matrix
 
 
@@ -31,13 +31,15 @@ def default_spec(x: torch.Tensor, num_classes: int, C: torch.Tensor | None, y: t
 
 
 def prepare_chain(model, x: torch.Tensor, threat, ref: torch.Tensor | None, eps: float | None, intermediate: str,
-                  intermediate_bounds, max_memory: int) -> tuple[Chain, Interval, dict[int, Interval]]:
-    """The chain, the input box and the ReLU pre-activation bounds that every CROWN variant starts from."""
+                  intermediate_bounds, max_memory: int, box: Interval | None = None
+                  ) -> tuple[Chain, Interval, dict[int, Interval]]:
+    """The chain, the input box (``box`` if given, else the threat model's around ``x``) and the ReLU
+    pre-activation bounds that every CROWN variant starts from."""
     check_supported(model, x.shape[1:])  # the layer-support contract (crown, crown_ibp, alpha_crown, chain BaB)
     if not torch.isfinite(x).all():
         raise ValueError("input x contains NaN or inf")
     chain = build_chain(model, x, x if ref is None else ref)
-    box = threat.box(x, eps)
+    box = input_box(x, threat, eps, box)
     pre = intermediate_bounds_of(chain, box, intermediate, intermediate_bounds, max_memory)
     return chain, box, pre
 
@@ -46,8 +48,9 @@ def crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y: torc
           intermediate: str = "crown", ref: torch.Tensor | None = None, return_intermediate: bool = False,
           bound_lower: bool = True, bound_upper: bool = True,
           intermediate_bounds: Sequence[Interval | None] | None = None, eps: float | None = None,
-          max_memory: int = DEFAULT_MAX_MEMORY, batch_stats: bool = False):
-    """CROWN bounds of ``C z`` over the threat model's box around ``x``: an :class:`Interval` [B, S].
+          max_memory: int = DEFAULT_MAX_MEMORY, batch_stats: bool = False, box: Interval | None = None):
+    """CROWN bounds of ``C z`` over the threat model's box around ``x`` (or over ``box`` when given): an
+    :class:`Interval` [B, S].
 
     ``C`` defaults to the margins of ``y`` (rows ``e_y - e_j``, ``j != y``) or, without ``y``, the
     identity (logit bounds). ``intermediate``: ``"crown"`` (default: full CROWN, auto_LiRPA's
@@ -60,7 +63,7 @@ def crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y: torc
     if not (bound_lower or bound_upper):
         raise ValueError("at least one of bound_lower / bound_upper must be True")
     check_bound_inputs(model, x, threat, batch_stats)
-    chain, box, pre = prepare_chain(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory)
+    chain, box, pre = prepare_chain(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory, box)
     C = default_spec(x, chain.shapes[-1][0], C, y)
     out = bound_spec(chain, len(chain.layers), lambda bs, ss: C[bs, ss], C.shape[1], box, pre,
                      bound_lower, bound_upper, max_memory)
