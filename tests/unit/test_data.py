@@ -305,6 +305,11 @@ def write_cifar(folder: Path, archive: bool, **overrides: object) -> None:
             (folder / "cifar-10-batches-py" / name).write_bytes(blob)
 
 
+def _train_test(name: str, folder: Path):
+    """Both splits of dataset ``name`` read from ``folder``."""
+    return load(name, "train", data_dir=folder), load(name, "test", data_dir=folder)
+
+
 @pytest.fixture
 def tiny_cifar(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(DATASETS, "cifar10", replace(DATASETS["cifar10"], num_train=10, num_test=3))
@@ -313,8 +318,7 @@ def tiny_cifar(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("archive", [True, False])
 def test_cifar10(tmp_path: Path, tiny_cifar: None, archive: bool) -> None:
     write_cifar(tmp_path / "cifar10", archive)
-    train = load("cifar10", "train", data_dir=tmp_path)
-    test = load("cifar10", "test", data_dir=tmp_path)
+    train, test = _train_test("cifar10", tmp_path)
     assert train.images.shape == (10, 3, 32, 32) and test.images.shape == (3, 3, 32, 32)
     raw = pickle.loads(cifar_batch(2, 1))
     np.testing.assert_array_equal(train.images[0, 1].flatten().numpy(), raw[b"data"][0, 1024:2048])  # green plane
@@ -403,8 +407,7 @@ def tiny_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("archive", [True, False])
 def test_tinyimagenet(tmp_path: Path, tiny_tiny: None, archive: bool) -> None:
     write_tiny(tmp_path / "tinyimagenet", archive)
-    train = load("tinyimagenet", "train", data_dir=tmp_path)
-    test = load("tinyimagenet", "test", data_dir=tmp_path)
+    train, test = _train_test("tinyimagenet", tmp_path)
     assert train.images.shape == (6, 3, 64, 64) and test.images.shape == (3, 3, 64, 64)
     assert train.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert test.labels.tolist() == [2, 1, 0]
