@@ -168,9 +168,10 @@ def _generator(x: torch.Tensor, cfg: CertifyConfig, index: int, k: int) -> torch
 class PointContext:
     """What the stages of one point share: the point (``x`` [1, C, H, W], label ``y``), the networks
     (``v``), the threat model and settings, the budget (``p``), the clean prediction, and what the bound
-    stage sets for the later ones: the float32 box in float64 (``box64``, which the bound functions take as
-    their ``box``), ``x64``, the margin matrix ``C`` [1, S, K], the float32 tolerance ``tol`` [S], the best lower bound per
-    row ``best`` [S] and CROWN's pre-activation bounds per ReLU ``pre`` (None when CROWN did not run)."""
+    stage sets for the later ones: the float32 box in float64 (``box64``, which the bound functions take
+    as their ``box``), ``x64``, the margin matrix ``C`` [1, S, K], the float32 tolerance ``tol`` [S], the
+    best lower bound per row ``best`` [S] and CROWN's pre-activation bounds per ReLU ``pre`` (None when
+    CROWN did not run)."""
 
     v: Verifier
     x: torch.Tensor
