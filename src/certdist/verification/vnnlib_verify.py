@@ -331,12 +331,15 @@ def _bound_stages(inst: _Instance, res: VerifyResult) -> tuple[list[Interval] | 
 
 
 def _bab(inst: _Instance, gap: dict, pre, res: VerifyResult):
-    """Chain BaB on the best row of each open disjunct; returns a confirmed counterexample or None."""
+    """Chain BaB on the best row of each open disjunct, the time left shared evenly among the disjuncts
+    not yet tried (one that finishes early leaves its time to the rest); returns a confirmed
+    counterexample or None."""
     from certdist.verification.chain_bab import chain_bab_verify
-    for d, (_, _, threshold, row) in sorted(gap.items(), key=lambda kv: -kv[1][1]):
+    order = sorted(gap.items(), key=lambda kv: -kv[1][1])
+    for k, (d, (_, _, threshold, row)) in enumerate(order):
         if inst.left() <= 0.05:
             return None
-        others = sum(inst.open)
+        others = len(order) - k  # this one and those after it (not the open ones already tried)
         ds = torch.tensor([d])
 
         def check(flat: torch.Tensor, d=d):
