@@ -1,11 +1,12 @@
 """One command per results table (``certdist reproduce <table>``): teacher, students, seeds,
-certification, then ``results/<table>.md``, ``results/<table>.json`` and ``results/<table>.png``.
+certification, then ``results/<table>.md``, ``results/<table>.json`` and ``results/<table>.png``. The tables
+are data: ``tables/reproduce.yaml`` in the package.
 
 Every step is resumable: finished runs are skipped and interrupted ones resumed (:func:`certdist.sweep.sweep`),
 certification appends per-point JSON lines and skips the points already done. Runs from the repository
 root (the tables name files in ``configs/``).
 
-Protocol (issue 11): every run holds out the last 5,000 training images (``data.validation``) and
+Protocol: every run holds out the last 5,000 training images (``data.validation``) and
 reports on them during training (``eval.split=validation``); hyper-parameters are chosen on that split
 only (the ``*-grid`` tables). The final tables certify the first ``certify_n`` TEST points of every
 student with the full pipeline under the effort budget :data:`CERTIFY_BUDGET` (quick attack, IBP, CROWN, full
@@ -61,100 +62,51 @@ class Table:
     note: str = ""
 
 
-def _dist(dataset: str, name: str, *extra: str, prefix: str | None = None) -> Method:
-    """A CC-Dist student: the setting's CC-IBP config with ``extra`` overrides, run name ``<prefix>_cc-dist_<name>``."""
-    return Method(f"CC-Dist ({name})", f"configs/small/{dataset}_cc-ibp.yaml",
-                  (f"name={prefix or dataset}_cc-dist_{name}", *extra), True)
-
-
-KL_T4 = ("distill.loss=kl", "distill.level=logits", "distill.temperature=4")
-
-MNIST_TEACHER = Method("PGD-AT teacher", "configs/small/mnist_pgd-at-teacher.yaml")
-MNIST_CCIBP = Method("CC-IBP", "configs/small/mnist_cc-ibp.yaml")
-# the validation grid (seed 0) that the CPU queue of issue 11 could afford: a scale-free feature box and
-# soft-label logit distillation at two weights (docs/results.md)
-MNIST_GRID = (
-    # (temperature 1: inert for the box loss; the value this run was made with, before the defaults changed)
-    _dist("mnist", "std-box-b1e-3", "distill.loss=box", "distill.features=standardized", "distill.beta=1e-3",
-                "distill.temperature=1"),
-    _dist("mnist", "kl-t4-b1", *KL_T4, "distill.beta=1"),
-    _dist("mnist", "kl-t4-b0.1", *KL_T4, "distill.beta=0.1"),
-)
-# the variant chosen on the validation split (docs/results.md); configs/small/mnist_cc-dist.yaml ships it
-MNIST_CHOSEN = MNIST_GRID[2]
-
-FASHION_TEACHER = Method("PGD-AT teacher", "configs/small/fashion-mnist_pgd-at-teacher.yaml")
-FASHION_CCIBP = Method("CC-IBP", "configs/small/fashion-mnist_cc-ibp.yaml")
-# MNIST's choice carried over, then a weaker pull, added after the seed-0 validation numbers of beta 0.1
-# came out below CC-IBP; beta 0.03 has the higher validation PGD accuracy of the two (docs/results.md) and
-# configs/small/fashion-mnist_cc-dist.yaml ships it
-FASHION_KL01 = _dist("fashion-mnist", "kl-t4-b0.1", *KL_T4, "distill.beta=0.1")
-FASHION_CHOSEN = _dist("fashion-mnist", "kl-t4-b0.03", *KL_T4, "distill.beta=0.03")
-# the variant that configs/small/<dataset>_cc-dist.yaml ships
-CHOSEN = {"mnist": MNIST_CHOSEN, "fashion-mnist": FASHION_CHOSEN}
-
-# a harder eps (issue 11: where the teacher may have more to teach): the same 10-epoch budget with the
-# expressive-losses MNIST 0.3 recipe's CC-IBP settings (alpha 0.3, train eps x1.334; not tuned here) and
-# the same, MNIST-chosen distillation variant; every run named for the setting
-RECIPE_03 = ("alpha=0.3", "l1=3e-6", "train_eps_mul=1.334")  # expressive losses' MNIST 0.3 CC-IBP settings
-F02_STUDENT = ("eps=0.2", *RECIPE_03)
-FASHION02_TEACHER = Method("PGD-AT teacher", "configs/small/fashion-mnist_pgd-at-teacher.yaml",
-                           ("eps=0.2", "name=fashion-mnist-0.2_pgd-at-teacher"))
-FASHION02_CCIBP = Method("CC-IBP", "configs/small/fashion-mnist_cc-ibp.yaml", F02_STUDENT + ("name=fashion-mnist-0.2_cc-ibp",))
-FASHION02_CHOSEN = _dist("fashion-mnist", "kl-t4-b0.1", *F02_STUDENT, *KL_T4, "distill.beta=0.1", prefix="fashion-mnist-0.2")
-# MNIST's best validation PGD accuracy (but IBP-certified 42 %): at a harder eps the teacher may matter more
-FASHION02_KL1 = _dist("fashion-mnist", "kl-t4-b1", *F02_STUDENT, *KL_T4, "distill.beta=1", prefix="fashion-mnist-0.2")
-
-# MNIST 0.3 (issue 11: a harder eps where the PGD-AT teacher is more robust than the students): the
-# expressive-losses MNIST 0.3 recipe's CC-IBP settings in the same 10-epoch budget; KL at two weights
-M03_STUDENT = ("eps=0.3", *RECIPE_03)
-# (PGD-AT at 0.3 from the first step collapses to chance in this budget: one clean epoch, then eps ramps)
-M03_TEACHER = ("eps=0.3", "warmup_epochs=1", "ramp_epochs=3")
-MNIST03_TEACHER = Method("PGD-AT teacher", "configs/small/mnist_pgd-at-teacher.yaml",
-                         (*M03_TEACHER, "name=mnist-0.3_pgd-at-teacher"))
-# a larger teacher (issue 11 item 4): DM-medium (about 5x DM-small's multiply-adds), the same PGD-AT recipe
-MNIST03_TEACHER_M = Method("PGD-AT teacher (DM-medium)", "configs/small/mnist_pgd-at-teacher.yaml",
-                           (*M03_TEACHER, "model.arch=dm_medium", "name=mnist-0.3_pgd-at-teacher-dm-medium"))
-MNIST03_CCIBP = Method("CC-IBP", "configs/small/mnist_cc-ibp.yaml", M03_STUDENT + ("name=mnist-0.3_cc-ibp",))
-MNIST03_KL01 = _dist("mnist", "kl-t4-b0.1", *M03_STUDENT, *KL_T4, "distill.beta=0.1", prefix="mnist-0.3")
-MNIST03_KL03 = _dist("mnist", "kl-t4-b0.3", *M03_STUDENT, *KL_T4, "distill.beta=0.3", prefix="mnist-0.3")
-# soft labels on the certified (CC-IBP) pseudo-logits instead of the attack point's logits
-MNIST03_KLCERT = _dist("mnist", "kl-cert-t4-b0.1", *M03_STUDENT, *KL_T4, "distill.student=certified",
-                       "distill.beta=0.1", prefix="mnist-0.3")
-# the same KL student with the DM-medium teacher (its own run names; the table's teacher column says which)
-MNIST03_KL01_M = _dist("mnist", "kl-t4-b0.1", *M03_STUDENT, *KL_T4, "distill.beta=0.1", prefix="mnist-0.3-tmedium")
-
 VALIDATION = "Validation: seed 0, the 5,000 held-out training images, PGD-40."
 FINAL = ("Final: {} seeds, first 1,000 test points, full certify pipeline under the effort budget (at most 1,000 "
          "branch-and-bound domains per point, 600 s wall-clock cap; before verifier 2026.12.1: 10 s per point).")
-M03_NOTE = " Students: CC-IBP alpha 0.3, train eps x1.334 (the expressive-losses MNIST 0.3 recipe)."
-F02_NOTE = " Students: CC-IBP alpha 0.3, train eps x1.334 (the MNIST 0.3 recipe)."
+TABLES_FILE = Path(__file__).parent / "tables" / "reproduce.yaml"
 
 
-def _tables(name: str, dataset: str, eps: float, teacher: Method, grid: tuple[Method, ...],
-            final: tuple[Method, ...], note: str = "", seeds: tuple[int, ...] = (0, 1, 2),
-            setting: str | None = None) -> dict[str, Table]:
+def _method(spec: dict, dataset: str) -> Method:
+    """A method of ``tables/reproduce.yaml``: ``label``, ``config``, ``overrides``; or ``dist: <variant>``, a CC-Dist
+    student of the setting's CC-IBP config, run name ``<prefix>_cc-dist_<variant>``."""
+    extra = tuple(spec.get("overrides", ()))
+    if "dist" in spec:
+        name = spec["dist"]
+        return Method(f"CC-Dist ({name})", f"configs/small/{dataset}_cc-ibp.yaml",
+                      (f"name={spec.get('prefix') or dataset}_cc-dist_{name}", *extra), True)
+    return Method(spec["label"], spec["config"], extra)
+
+
+def _tables(s: dict) -> dict[str, Table]:
     """A setting's validation table ``<name>-grid`` (seed 0; the final table's seed-0 runs are among its
     runs) and its final table ``<name>``; ``setting`` defaults to ``<name>/dm_small``."""
-    setting = setting or f"{name}/dm_small"
+    name, dataset, eps = s["name"], s["dataset"], float(s["eps"])
+    setting, note, seeds = s.get("setting") or f"{name}/dm_small", s.get("note", ""), tuple(s.get("seeds", (0, 1, 2)))
+    methods = {k: _method(v, dataset) for k, v in s["methods"].items()}
+    teacher = _method(s["teacher"], dataset)
+    grid, final = tuple(methods[k] for k in s["grid"]), tuple(methods[k] for k in s["final"])
     return {f"{name}-grid": Table(setting, dataset, eps, teacher, grid, seeds=(0,), certify_n=None,
                                   note=VALIDATION + note),
             name: Table(setting, dataset, eps, teacher, final, seeds=seeds, note=FINAL.format(len(seeds)) + note)}
 
 
-TABLES: dict[str, Table] = {
-    **_tables("mnist-0.1", "mnist", 0.1, MNIST_TEACHER, (MNIST_CCIBP,) + MNIST_GRID, (MNIST_CCIBP, MNIST_CHOSEN)),
-    **_tables("fashion-mnist-0.1", "fashion-mnist", 0.1, FASHION_TEACHER, (FASHION_CCIBP, FASHION_KL01, FASHION_CHOSEN),
-              (FASHION_CCIBP, FASHION_KL01, FASHION_CHOSEN)),
-    **_tables("fashion-mnist-0.2", "fashion-mnist", 0.2, FASHION02_TEACHER,
-              (FASHION02_CCIBP, FASHION02_CHOSEN, FASHION02_KL1), (FASHION02_CCIBP, FASHION02_CHOSEN), F02_NOTE,
-              seeds=(0, 1, 2, 3, 4)),  # 5 seeds: the 3-seed gain was inside CC-IBP's spread
-    **_tables("mnist-0.3", "mnist", 0.3, MNIST03_TEACHER, (MNIST03_CCIBP, MNIST03_KL01, MNIST03_KL03, MNIST03_KLCERT),
-              (MNIST03_CCIBP, MNIST03_KL01), M03_NOTE),
-    # the same students, the teacher a DM-medium: does a larger (better) teacher transfer more?
-    **_tables("mnist-0.3-medium-teacher", "mnist", 0.3, MNIST03_TEACHER_M, (MNIST03_CCIBP, MNIST03_KL01_M),
-              (MNIST03_CCIBP, MNIST03_KL01_M), M03_NOTE + " Teacher: DM-medium.", setting="mnist-0.3/dm_small"),
-}
+def _load_tables(path: Path = TABLES_FILE) -> tuple[dict[str, Table], dict[str, Method]]:
+    """The tables of ``tables/reproduce.yaml``, in its order, and per dataset the variant chosen on its validation
+    split (``chosen``)."""
+    import yaml
+    settings = yaml.safe_load(path.read_text())["settings"]
+    tables: dict[str, Table] = {}
+    chosen: dict[str, Method] = {}
+    for s in settings:
+        tables.update(_tables(s))
+        if "chosen" in s:
+            chosen[s["dataset"]] = _method(s["methods"][s["chosen"]], s["dataset"])
+    return tables, chosen
+
+
+TABLES, CHOSEN = _load_tables()  # CHOSEN: the variant that configs/small/<dataset>_cc-dist.yaml ships
 
 
 def _overrides(t: Table, out_dir: str, m: Method, teacher_ckpt: str | None) -> list[str]:

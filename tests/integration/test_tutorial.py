@@ -61,3 +61,4 @@ def test_built_wheel_ships_the_yaml_configs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
     assert configs and {f"certdist/{c}" for c in configs} <= names
+    assert "certdist/tables/reproduce.yaml" in names  # the reproduce tables (certdist reproduce --list)
