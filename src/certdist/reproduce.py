@@ -233,7 +233,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize_seeds(rows: list[dict]) -> list[dict]:
     """One entry per (setting, method, teacher): the number of seeds and mean / sample std per metric."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -259,7 +259,7 @@ def format_markdown(rows: list[dict], note: str = "") -> str:
     lines = [note, ""] if note else []
     lines += ["| setting | method | teacher | seeds | n | clean % | PGD % | IBP-cert % | certified % |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for e in summarize(rows):
+    for e in summarize_seeds(rows):
         lines.append(f"| {e['setting']} | {e['method']} | {e['teacher'] or '-'} | {e['seeds']} | {e['n']} | "
                      f"{cell(e, 'clean')} | {cell(e, 'pgd')} | {cell(e, 'ibp_cert')} | {cell(e, 'certified')} |")
     lines += ["", "Per seed:", "", "| method | seed | split | clean % | PGD % | IBP-cert % | certified % | train s |",
@@ -281,7 +281,7 @@ def plot_tradeoff(rows: list[dict], out: str | Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
     for ax, xkey in zip(axes[0], keys):
         students = [r for r in rows if r.get("role") != "teacher" and r[xkey] is not None]
-        for i, e in enumerate(summarize(students)):  # only the seeds that have the x metric
+        for i, e in enumerate(summarize_seeds(students)):  # only the seeds that have the x metric
             rs = [r for r in students if r["method"] == e["method"] and r["setting"] == e["setting"]]
             color = f"C{i % 10}"
             ax.scatter([r[xkey] for r in rs], [r["clean"] for r in rs], s=12, color=color, alpha=0.5)
