@@ -259,14 +259,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from certdist.front import FRONTS, run_front
     from certdist.reproduce import TABLES, run_table
     if args.list or not args.table:
-        for name, t in TABLES.items():
+        for name, t in {**TABLES, **FRONTS}.items():
             print(f"{name}: {t.note}")
         return 0
-    if args.table not in TABLES:
+    if args.table in FRONTS:  # clean-vs-certified fronts (certdist.front); runs in runs/fronts by default
+        run_front(args.table, out_dir=args.out_dir or "runs/fronts", results=args.results, collect_only=args.collect)
+    elif args.table not in TABLES:
         raise SystemExit(f"error: unknown table {args.table!r}; known: {', '.join(TABLES)}")
-    run_table(args.table, out_dir=args.out_dir, results_dir=args.results, collect_only=args.collect)
+    else:
+        run_table(args.table, out_dir=args.out_dir or "runs/reproduce", results_dir=args.results,
+                  collect_only=args.collect)
     print((Path(args.results) / f"{args.table}.md").read_text())
     print(f"written: {args.results}/{args.table}.md, .json, .png")
     return 0
@@ -442,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "certification; resumable) and write results/<table>.md, .json and .png")
     rp.add_argument("table", nargs="?", help="a table name; none (or --list) lists them")
     rp.add_argument("--list", action="store_true", help="list the tables")
-    rp.add_argument("--out-dir", default="runs/reproduce", help="where the runs go")
+    rp.add_argument("--out-dir", help="where the runs go (default: runs/reproduce; runs/fronts for a front)")
     rp.add_argument("--results", default="results", help="where the table files go")
     rp.add_argument("--collect", action="store_true", help="start nothing: write the table from the finished "
                     "runs and certifications (labelled partial if some are missing)")

@@ -1,0 +1,375 @@
+"""Clean-vs-certified fronts (``certdist reproduce <front>``): CC-IBP against CC-Dist over alpha.
+
+A comparison at one alpha cannot show a better trade-off (docs/results.md): a front trains the teacher
+once, then for every alpha of the front a CC-IBP student and a CC-Dist student (the same recipe and alpha,
+plus the distillation settings chosen on the validation split) over the seeds, evaluates every network on
+the first ``certify_n`` TEST points (clean, PGD-40, IBP-certified, as ``certdist evaluate``) and certifies
+every student there with the full ``certify`` pipeline under an effort budget (verdicts do not depend on
+the machine's load). It writes ``<results>/<front>.json``, ``.md`` and ``.png``: per method and alpha the
+mean ± std over seeds, both fronts in one plot (clean on x, certified on y, each method's non-dominated
+front of the mean points as a step line) and, per seed, the dominated hypervolume of each method's front
+(mean ± std over seeds; also the paired CC-Dist minus CC-IBP difference).
+
+Every run holds out the last ``validation`` training images (``data.validation``) and reports on them
+(``eval.split=validation``); those numbers are kept as ``val_*`` in the rows. Resumable: finished runs are
+skipped (:func:`certdist.sweep.sweep`), evaluations are cached and certification appends per-point JSON lines.
+Runs go seed by seed (every alpha and method of seed 0 first), so a front cut short holds whole seeds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from certdist.verification.certify import CertifyConfig
+
+METHODS = ("CC-IBP", "CC-Dist")
+
+
+@dataclass(frozen=True)
+class Front:
+    setting: str                          # e.g. "fashion-mnist-0.1/dm_small"
+    dataset: str
+    eps: float
+    teacher: str                          # the teacher's YAML config (trained once, seed 0)
+    student: str                          # the students' YAML config (CC-IBP; alpha is overridden)
+    alphas: tuple[float, ...]
+    distill: tuple[str, ...]              # CC-Dist's distillation overrides (chosen on the validation split)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: tuple[str, ...] = ()           # overrides for every run, teacher included
+    certify_n: int = 300                  # the first N test points
+    certify: "CertifyConfig | None" = None  # None: certdist.reproduce.certify_budget()
+    validation: int = 5000                # the last N training images, held out
+    references: tuple[tuple[float, float], ...] = ((0.0, 0.0),)  # hypervolume reference (clean, certified) %
+    note: str = ""
+
+
+FRONTS: dict[str, Front] = {
+    # issue 22: DM-small, the configs/small 10-epoch recipe on the first 5,000 training images (to fit a
+    # shared 2-core CPU budget; validation PGD-10 for the same reason); alphas log-spaced around the
+    # recipe's 0.1; CC-Dist's distillation as shipped (chosen on the validation split in issue 11);
+    # docs/results.md, "Fronts: CC-Dist vs CC-IBP (Fashion-MNIST 0.1)"
+    "fashion-mnist-0.1-front": Front(
+        "fashion-mnist-0.1/dm_small", "fashion-mnist", 0.1,
+        "configs/small/fashion-mnist_pgd-at-teacher.yaml", "configs/small/fashion-mnist_cc-ibp.yaml",
+        alphas=(0.03, 0.1, 0.3),
+        distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.03"),
+        train=("data.train_limit=5000", "num_threads=2", "eval.pgd_steps=10"),
+        references=((0.0, 0.0), (60.0, 50.0)),
+        note="DM-small, configs/small 10-epoch recipe, first 5,000 training images (last 5,000 held out), "
+             "CC-Dist: KL on logits, T 4, beta 0.03 (the shipped configs/small/fashion-mnist_cc-dist.yaml "
+             "setting, chosen on Fashion-MNIST's validation split in issue 11)."),
+}
+
+
+def _run_name(name: str, method: str | None, alpha: float | None = None) -> str:
+    if method is None:
+        return f"{name}_teacher"
+    return f"{name}_{method.lower()}_a{alpha:g}"
+
+
+def _overrides(f: Front, name: str, out_dir: str, method: str | None, alpha: float | None,
+               teacher_ckpt: str | None) -> list[str]:
+    ov = [f"out_dir={out_dir}", f"data.validation={f.validation}", "eval.split=validation", "progress=false",
+          *f.train, f"name={_run_name(name, method, alpha)}"]
+    if method is not None:
+        ov.append(f"alpha={alpha:g}")
+    if method == "CC-Dist":
+        ov += [*f.distill, f"distill.teacher={teacher_ckpt}"]
+    return ov
+
+
+def _config(f: Front, method: str | None) -> str:
+    path = f.teacher if method is None else f.student
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: run `certdist reproduce` from the repository root")
+    return path
+
+
+def _run(f: Front, name: str, out_dir: str, method: str | None, alpha: float | None, seed: int,
+         teacher_ckpt: str | None, collect_only: bool) -> Path | None:
+    """The run folder (trained now unless finished; with ``collect_only`` None when it has not finished)."""
+    from certdist.sweep import run_dir, sweep
+    ov = _overrides(f, name, out_dir, method, alpha, teacher_ckpt)
+    cfg = _config(f, method)
+    if collect_only:
+        d = run_dir(cfg, seed, ov)
+        return d if (d / "results.json").exists() else None
+    return sweep([cfg], [seed], ov)[0]
+
+
+def _evaluate(run: Path, dataset: str, eps: float, n: int) -> dict:
+    """Clean / PGD-40 / IBP-certified accuracy on the first ``n`` test points (as ``certdist evaluate``), cached."""
+    out = run / f"eval_test{n}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    from certdist import data as D
+    from certdist.evaluation import evaluate
+    from certdist.threats import ThreatModel
+    from certdist.training.checkpoint import model_from_checkpoint
+    model, _ = model_from_checkpoint(run / "last.pt")
+    test = D.load(dataset, "test", limit=n)
+    res = evaluate(model, test.images, test.labels, ThreatModel(eps), progress=False)
+    out.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _certify_budget() -> "CertifyConfig":
+    from certdist.reproduce import certify_budget
+    return certify_budget()
+
+
+def _certify(run: Path, f: Front) -> dict:
+    from certdist import data as D
+    from certdist.threats import ThreatModel
+    from certdist.training.checkpoint import model_from_checkpoint
+    from certdist.verification.certify import certify_dataset
+    model, _ = model_from_checkpoint(run / "last.pt")
+    test = D.load(f.dataset, "test", limit=f.certify_n)
+    return certify_dataset(model, test.images.float() / 255, test.labels, ThreatModel(f.eps),
+                           run / f"certify_test{f.certify_n}.jsonl", config=f.certify or _certify_budget(),
+                           progress=False)
+
+
+def _certified_done(run: Path, n: int) -> bool:
+    p = run / f"certify_test{n}.jsonl"
+    return p.exists() and len(p.read_text().splitlines()) >= n
+
+
+def _row(f: Front, method: str, alpha: float | None, run: Path, ev: dict, cert: dict | None) -> dict:
+    res = json.loads((run / "results.json").read_text())
+    if cert is not None and cert["n"] != ev["n"]:
+        raise ValueError(f"{run}: evaluated on {ev['n']} points, certified on {cert['n']}")
+    r2 = lambda v: None if v is None else round(v, 2)  # noqa: E731
+    return {"setting": f.setting, "method": method, "alpha": alpha, "seed": res["seed"],
+            "clean": r2(ev["clean_acc"]), "pgd": r2(ev["pgd_acc"]), "ibp_cert": r2(ev["ibp_cert_acc"]),
+            "certified": None if cert is None else round(100 * cert["certified_accuracy"], 2),
+            "pipeline_attack": None if cert is None else round(100 * cert["attack_accuracy"], 2),
+            "n": ev["n"], "split": "test",
+            "val_clean": r2(res.get("clean_acc")), "val_robust": r2(res.get("robust_acc")),
+            "val_ibp_cert": r2(res.get("ibp_cert_acc")), "val_split": res.get("split"),
+            "train_time_s": res.get("train_time_s"), "run": str(run)}
+
+
+def run_front(name: str, out_dir: str = "runs/fronts", results: str = "results", seeds: Sequence[int] | None = None,
+              collect_only: bool = False) -> dict:
+    """Run front ``name`` of :data:`FRONTS` (everything not yet done) and write ``<results>/<name>.json``,
+    ``.md`` and ``.png``. ``seeds``: the front's own by default. ``collect_only``: start nothing; write the
+    files from what has finished (labelled partial). Returns the JSON record."""
+    if name not in FRONTS:
+        raise ValueError(f"unknown front {name!r}; known: {', '.join(FRONTS)}")
+    f = FRONTS[name]
+    seeds = tuple(f.seeds if seeds is None else seeds)
+    teacher_run = _run(f, name, out_dir, None, None, 0, None, collect_only)
+    if teacher_run is None:
+        raise FileNotFoundError(f"{name}: the teacher has not finished (run without --collect)")
+    teacher_ckpt = str(teacher_run / "last.pt")
+    rows = []
+    if not collect_only or (teacher_run / f"eval_test{f.certify_n}.json").exists():
+        rows.append(_row(f, "PGD-AT teacher", None, teacher_run, _evaluate(teacher_run, f.dataset, f.eps, f.certify_n),
+                         None))
+    expected = len(seeds) * len(f.alphas) * len(METHODS)
+    for seed in seeds:  # seed-major: a front cut short holds whole seeds
+        for alpha in f.alphas:
+            for method in METHODS:
+                run = _run(f, name, out_dir, method, alpha, seed, teacher_ckpt, collect_only)
+                if run is None or (collect_only and not (run / f"eval_test{f.certify_n}.json").exists()):
+                    continue
+                ev = _evaluate(run, f.dataset, f.eps, f.certify_n)
+                cert = _certify(run, f) if not collect_only or _certified_done(run, f.certify_n) else None
+                rows.append(_row(f, method, alpha, run, ev, cert))
+    students = [r for r in rows if r["method"] in METHODS]
+    note = f.note
+    if len(students) < expected:
+        note += f" PARTIAL: {len(students)} of {expected} student runs finished."
+    missing = sum(1 for r in students if r["certified"] is None)
+    if missing:
+        note += f" {missing} student runs have no pipeline certification yet."
+    cfg = f.certify or _certify_budget()
+    record = {"front": name, "setting": f.setting, "dataset": f.dataset, "eps": f.eps, "alphas": list(f.alphas),
+              "seeds": list(seeds), "distill": list(f.distill), "train": list(f.train), "certify_n": f.certify_n,
+              "certify": {"timeout": cfg.timeout, "max_domains": cfg.max_domains}, "note": note, "rows": rows,
+              "summary": summarize(rows), "hypervolume": hypervolumes(rows, f.references)}
+    write_front(name, record, results)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# fronts and hypervolume
+
+
+def non_dominated(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (both coordinates maximised)."""
+    from certdist.tune import pareto_front
+    return pareto_front([tuple(p) for p in points])
+
+
+def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
+    """The area dominated by ``points`` (both coordinates maximised) and bounded below by ``ref``: the
+    union of the rectangles [ref, p]. A dominated point adds nothing; a point not above ``ref`` in both
+    coordinates adds nothing."""
+    rx, ry = ref
+    area, top = 0.0, ry
+    for x, y in sorted(((float(x), float(y)) for x, y in points), key=lambda p: (-p[0], p[1])):
+        if x > rx and y > top:  # sweeping from the largest x: only a higher y adds a new strip
+            area += (x - rx) * (y - top)
+            top = y
+    return area
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (method, alpha): seeds and mean / sample std of every metric (the teacher has alpha None)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["alpha"]), []).append(r)
+    out = []
+    for (method, alpha), rs in groups.items():
+        e = {"method": method, "alpha": alpha, "seeds": len(rs), "n": rs[0]["n"]}
+        for k in ("clean", "pgd", "ibp_cert", "certified", "val_clean", "val_robust", "val_ibp_cert"):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            e[k] = list(_mean_std(vals)) if vals else None
+            e[f"{k}_seeds"] = len(vals)
+        out.append(e)
+    return out
+
+
+def hypervolumes(rows: list[dict], references: Sequence[tuple[float, float]] = ((0.0, 0.0),),
+                 metrics: Sequence[str] = ("certified", "ibp_cert")) -> list[dict]:
+    """Per certified metric and reference point: each method's per-seed hypervolume of (clean, metric) over
+    the alphas (only seeds where every alpha of both methods has the metric), mean ± std over those seeds,
+    and the paired per-seed CC-Dist minus CC-IBP difference."""
+    students = [r for r in rows if r["method"] in METHODS]
+    alphas = sorted({r["alpha"] for r in students})
+    out = []
+    for metric in metrics:
+        pts: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for r in students:
+            if r[metric] is not None:
+                pts.setdefault((r["method"], r["seed"]), []).append((r["clean"], r[metric]))
+        seeds = sorted({s for (_, s) in pts if all(len(pts.get((m, s), [])) == len(alphas) for m in METHODS)})
+        for ref in references:
+            e = {"metric": metric, "reference": list(ref), "seeds": seeds, "per_seed": {}, "mean_std": {}}
+            for m in METHODS:
+                e["per_seed"][m] = [round(hypervolume(pts[(m, s)], ref), 2) for s in seeds]
+                e["mean_std"][m] = [round(v, 2) for v in _mean_std(e["per_seed"][m])] if seeds else None
+            diff = [a - b for a, b in zip(e["per_seed"]["CC-Dist"], e["per_seed"]["CC-IBP"])]
+            e["per_seed"]["difference"] = [round(d, 2) for d in diff]
+            e["mean_std"]["difference"] = [round(v, 2) for v in _mean_std(diff)] if diff else None
+            out.append(e)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _cell(e: dict, k: str) -> str:
+    if e.get(k) is None:
+        return "-"
+    (m, sd), n = e[k], e[f"{k}_seeds"]
+    text = f"{m:.2f}" if n == 1 else f"{m:.2f} ± {sd:.2f}"
+    return text + (f" ({n} seed{'s' if n > 1 else ''})" if n != e["seeds"] else "")
+
+
+def format_markdown(record: dict) -> str:
+    lines = [f"# {record['front']}", "", record["note"], "",
+             f"Setting {record['setting']}; first {record['certify_n']} test points; full certify pipeline with "
+             f"at most {record['certify']['max_domains']} branch-and-bound domains per point "
+             f"({record['certify']['timeout']:g} s wall-clock cap). CC-Dist overrides: "
+             f"{' '.join(record['distill'])}; every run: {' '.join(record['train']) or '-'}.", "",
+             "Test (mean ± sample std over seeds):", "",
+             "| method | alpha | seeds | clean % | PGD % | IBP-cert % | certified % |", "|---|---|---|---|---|---|---|"]
+    summary = sorted(record["summary"], key=lambda e: (e["alpha"] is not None, e["alpha"] or 0, e["method"]))
+    for e in summary:
+        a = "-" if e["alpha"] is None else f"{e['alpha']:g}"
+        lines.append(f"| {e['method']} | {a} | {e['seeds']} | {_cell(e, 'clean')} | {_cell(e, 'pgd')} | "
+                     f"{_cell(e, 'ibp_cert')} | {_cell(e, 'certified')} |")
+    lines += ["", "Validation (the held-out training images, as trained; PGD with the runs' eval.pgd_steps):", "",
+              "| method | alpha | seeds | clean % | PGD % | IBP-cert % |", "|---|---|---|---|---|---|"]
+    for e in summary:
+        a = "-" if e["alpha"] is None else f"{e['alpha']:g}"
+        lines.append(f"| {e['method']} | {a} | {e['seeds']} | {_cell(e, 'val_clean')} | {_cell(e, 'val_robust')} | "
+                     f"{_cell(e, 'val_ibp_cert')} |")
+    lines += ["", "Dominated hypervolume of each method's front over the alphas (clean x certified, %^2), per seed, "
+              "then mean ± std over seeds; difference = CC-Dist minus CC-IBP, paired by seed:", "",
+              "| certified by | reference (clean, cert) | seeds | CC-IBP | CC-Dist | difference | per seed (CC-IBP / CC-Dist) |",
+              "|---|---|---|---|---|---|---|"]
+    for h in record["hypervolume"]:
+        if not h["seeds"]:
+            continue
+        ms = lambda k: f"{h['mean_std'][k][0]:.1f} ± {h['mean_std'][k][1]:.1f}"  # noqa: E731
+        per = "; ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(h["per_seed"]["CC-IBP"], h["per_seed"]["CC-Dist"]))
+        by = "pipeline" if h["metric"] == "certified" else "IBP"
+        lines.append(f"| {by} | ({h['reference'][0]:g}, {h['reference'][1]:g}) | {len(h['seeds'])} | {ms('CC-IBP')} | "
+                     f"{ms('CC-Dist')} | {ms('difference')} | {per} |")
+    lines += ["", "Per run:", "",
+              "| method | alpha | seed | clean % | PGD % | IBP-cert % | certified % | val clean % | val PGD % | "
+              "val IBP-cert % | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f2 = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in record["rows"]:
+        a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        lines.append(f"| {r['method']} | {a} | {r['seed']} | {f2(r['clean'])} | {f2(r['pgd'])} | {f2(r['ibp_cert'])} | "
+                     f"{f2(r['certified'])} | {f2(r['val_clean'])} | {f2(r['val_robust'])} | {f2(r['val_ibp_cert'])} | "
+                     f"{r.get('train_time_s') or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_front(record: dict, out: str | Path) -> Path:
+    """Clean (x) vs certified (y): per method and alpha the mean with std error bars (small markers: the
+    seeds), each method's non-dominated front of the mean points as a step line; pipeline-certified on
+    the left (where measured), IBP-certified on the right."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    rows = [r for r in record["rows"] if r["method"] in METHODS]
+    keys = [k for k in ("certified", "ibp_cert") if any(r[k] is not None for r in rows)] or ["ibp_cert"]
+    fig = Figure(figsize=(6.2 * len(keys), 4.8))
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        for i, m in enumerate(METHODS):
+            color = f"C{i}"
+            rs = [r for r in rows if r["method"] == m and r[key] is not None]
+            if not rs:
+                continue
+            ax.scatter([r["clean"] for r in rs], [r[key] for r in rs], s=10, color=color, alpha=0.35)
+            means = []
+            for e in summarize(rs):
+                (cx, sx), (cy, sy) = e["clean"], e[key]
+                means.append((cx, cy))
+                ax.errorbar(cx, cy, xerr=sx, yerr=sy, fmt="o", color=color, capsize=3, ms=5)
+                ax.annotate(f"{e['alpha']:g}", (cx, cy), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                            color=color)
+            front = sorted(means[j] for j in non_dominated(means))
+            n_seeds = len({r["seed"] for r in rs})
+            hv = next((h for h in record["hypervolume"] if h["metric"] == key and h["seeds"]
+                       and h["mean_std"][m] is not None), None)
+            label = f"{m} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
+            if hv:
+                label += f", HV {hv['mean_std'][m][0]:.0f} ± {hv['mean_std'][m][1]:.0f}"
+            ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-pre", color=color, label=label)
+        ax.set_xlabel("clean accuracy % (test)")
+        ax.set_ylabel("certified accuracy % (" + ("full pipeline" if key == "certified" else "IBP") + ")")
+        ax.set_title(f"{record['front']}: {record['setting']}, n = {record['certify_n']} (labels: alpha)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def write_front(name: str, record: dict, results: str | Path = "results") -> list[Path]:
+    d = Path(results)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (d / f"{name}.md").write_text(format_markdown(record))
+    return [d / f"{name}.json", d / f"{name}.md", plot_front(record, d / f"{name}.png")]
