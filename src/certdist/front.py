@@ -43,7 +43,9 @@ class Front:
     certify_n: int = 300                  # the first N test points
     certify: "CertifyConfig | None" = None  # None: certdist.reproduce.certify_budget()
     validation: int = 5000                # the last N training images, held out
-    references: tuple[tuple[float, float], ...] = ((0.0, 0.0),)  # hypervolume reference (clean, certified) %
+    # hypervolume references: (clean, certified) in %, or "nadir": per seed, the componentwise minimum of
+    # every student point of both methods (the area above the worse of the two, paired by seed)
+    references: tuple = ((0.0, 0.0),)
     note: str = ""
 
 
@@ -58,7 +60,7 @@ FRONTS: dict[str, Front] = {
         alphas=(0.03, 0.1, 0.3),
         distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.03"),
         train=("data.train_limit=5000", "num_threads=2", "eval.pgd_steps=10"),
-        references=((0.0, 0.0), (60.0, 50.0)),
+        references=((0.0, 0.0), "nadir"),
         note="DM-small, configs/small 10-epoch recipe, first 5,000 training images (last 5,000 held out), "
              "CC-Dist: KL on logits, T 4, beta 0.03 (the shipped configs/small/fashion-mnist_cc-dist.yaml "
              "setting, chosen on Fashion-MNIST's validation split in issue 11)."),
@@ -192,7 +194,7 @@ def run_front(name: str, out_dir: str = "runs/fronts", results: str = "results",
     record = {"front": name, "setting": f.setting, "dataset": f.dataset, "eps": f.eps, "alphas": list(f.alphas),
               "seeds": list(seeds), "distill": list(f.distill), "train": list(f.train), "certify_n": f.certify_n,
               "certify": {"timeout": cfg.timeout, "max_domains": cfg.max_domains}, "note": note, "rows": rows,
-              "summary": summarize(rows), "hypervolume": hypervolumes(rows, f.references)}
+              "summary": summarize(rows), "hypervolume": hypervolumes(rows, f.references)}  # over the alphas run
     write_front(name, record, results)
     return record
 
@@ -242,24 +244,36 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def hypervolumes(rows: list[dict], references: Sequence[tuple[float, float]] = ((0.0, 0.0),),
-                 metrics: Sequence[str] = ("certified", "ibp_cert")) -> list[dict]:
-    """Per certified metric and reference point: each method's per-seed hypervolume of (clean, metric) over
-    the alphas (only seeds where every alpha of both methods has the metric), mean ± std over those seeds,
-    and the paired per-seed CC-Dist minus CC-IBP difference."""
+def hypervolumes(rows: list[dict], references: Sequence = ((0.0, 0.0),),
+                 metrics: Sequence[str] = ("certified", "ibp_cert"), alphas: Sequence[float] | None = None) -> list[dict]:
+    """Per certified metric and reference point (``(clean, certified)`` or ``"nadir"``: per seed the
+    componentwise minimum of both methods' points): each method's per-seed hypervolume of (clean, metric)
+    over the alphas that every seed with the metric has for both methods (``alphas``: among these only;
+    a front cut short is compared over the alphas it holds, recorded as ``alphas``), mean ± std over those
+    seeds, and the paired per-seed CC-Dist minus CC-IBP difference."""
     students = [r for r in rows if r["method"] in METHODS]
-    alphas = sorted({r["alpha"] for r in students})
     out = []
     for metric in metrics:
-        pts: dict[tuple[str, int], list[tuple[float, float]]] = {}
-        for r in students:
-            if r[metric] is not None:
-                pts.setdefault((r["method"], r["seed"]), []).append((r["clean"], r[metric]))
-        seeds = sorted({s for (_, s) in pts if all(len(pts.get((m, s), [])) == len(alphas) for m in METHODS)})
+        have = {(r["method"], r["seed"], r["alpha"]): (r["clean"], r[metric]) for r in students if r[metric] is not None}
+        seeds = sorted({s for (_, s, _) in have})
+        cand = sorted(alphas if alphas is not None else {a for (_, _, a) in have})
+        common = [a for a in cand if all((m, s, a) in have for m in METHODS for s in seeds)]
+        if not common:
+            seeds = []
+        pts = {(m, s): [have[(m, s, a)] for a in common] for m in METHODS for s in seeds}
+        alphas_m = common
         for ref in references:
-            e = {"metric": metric, "reference": list(ref), "seeds": seeds, "per_seed": {}, "mean_std": {}}
+            def ref_of(s):
+                if ref != "nadir":
+                    return tuple(ref)
+                both = pts[(METHODS[0], s)] + pts[(METHODS[1], s)]
+                return min(p[0] for p in both), min(p[1] for p in both)
+            e = {"metric": metric, "reference": ref if ref == "nadir" else list(ref), "alphas": alphas_m, "seeds": seeds,
+                 "per_seed": {}, "mean_std": {}}
+            if ref == "nadir":
+                e["nadir"] = [list(ref_of(s)) for s in seeds]
             for m in METHODS:
-                e["per_seed"][m] = [round(hypervolume(pts[(m, s)], ref), 2) for s in seeds]
+                e["per_seed"][m] = [round(hypervolume(pts[(m, s)], ref_of(s)), 2) for s in seeds]
                 e["mean_std"][m] = [round(v, 2) for v in _mean_std(e["per_seed"][m])] if seeds else None
             diff = [a - b for a, b in zip(e["per_seed"]["CC-Dist"], e["per_seed"]["CC-IBP"])]
             e["per_seed"]["difference"] = [round(d, 2) for d in diff]
@@ -299,17 +313,21 @@ def format_markdown(record: dict) -> str:
         a = "-" if e["alpha"] is None else f"{e['alpha']:g}"
         lines.append(f"| {e['method']} | {a} | {e['seeds']} | {_cell(e, 'val_clean')} | {_cell(e, 'val_robust')} | "
                      f"{_cell(e, 'val_ibp_cert')} |")
-    lines += ["", "Dominated hypervolume of each method's front over the alphas (clean x certified, %^2), per seed, "
-              "then mean ± std over seeds; difference = CC-Dist minus CC-IBP, paired by seed:", "",
-              "| certified by | reference (clean, cert) | seeds | CC-IBP | CC-Dist | difference | per seed (CC-IBP / CC-Dist) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "Dominated hypervolume of each method's front over the alphas that both methods have on every "
+              "seed (clean x certified, %^2), per seed, then mean ± std over seeds; difference = CC-Dist minus "
+              "CC-IBP, paired by seed:", "",
+              "| certified by | reference (clean, cert) | alphas | seeds | CC-IBP | CC-Dist | difference | "
+              "per seed (CC-IBP / CC-Dist) |", "|---|---|---|---|---|---|---|---|"]
     for h in record["hypervolume"]:
         if not h["seeds"]:
             continue
-        ms = lambda k: f"{h['mean_std'][k][0]:.1f} ± {h['mean_std'][k][1]:.1f}"  # noqa: E731
+        ms = lambda k: (f"{h['mean_std'][k][0]:.1f}" if len(h["seeds"]) == 1  # noqa: E731
+                        else f"{h['mean_std'][k][0]:.1f} ± {h['mean_std'][k][1]:.1f}")
         per = "; ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(h["per_seed"]["CC-IBP"], h["per_seed"]["CC-Dist"]))
         by = "pipeline" if h["metric"] == "certified" else "IBP"
-        lines.append(f"| {by} | ({h['reference'][0]:g}, {h['reference'][1]:g}) | {len(h['seeds'])} | {ms('CC-IBP')} | "
+        ref = ("nadir " + ", ".join(f"({x:g}, {y:g})" for x, y in h["nadir"]) if h["reference"] == "nadir"
+               else f"({h['reference'][0]:g}, {h['reference'][1]:g})")
+        lines.append(f"| {by} | {ref} | {', '.join(f'{a:g}' for a in h['alphas'])} | {len(h['seeds'])} | {ms('CC-IBP')} | "
                      f"{ms('CC-Dist')} | {ms('difference')} | {per} |")
     lines += ["", "Per run:", "",
               "| method | alpha | seed | clean % | PGD % | IBP-cert % | certified % | val clean % | val PGD % | "
@@ -335,6 +353,8 @@ def plot_front(record: dict, out: str | Path) -> Path:
     fig = Figure(figsize=(6.2 * len(keys), 4.8))
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, key in zip(axes, keys):
+        pts_all = [(r["clean"], r[key]) for r in rows if r[key] is not None]
+        low = (min(p[0] for p in pts_all), min(p[1] for p in pts_all)) if pts_all else (0.0, 0.0)
         for i, m in enumerate(METHODS):
             color = f"C{i}"
             rs = [r for r in rows if r["method"] == m and r[key] is not None]
@@ -349,18 +369,21 @@ def plot_front(record: dict, out: str | Path) -> Path:
                 ax.annotate(f"{e['alpha']:g}", (cx, cy), textcoords="offset points", xytext=(5, 4), fontsize=7,
                             color=color)
             front = sorted(means[j] for j in non_dominated(means))
+            front = [(min(low[0], front[0][0]), front[0][1]), *front, (front[-1][0], min(low[1], front[-1][1]))]
             n_seeds = len({r["seed"] for r in rs})
             hv = next((h for h in record["hypervolume"] if h["metric"] == key and h["seeds"]
                        and h["mean_std"][m] is not None), None)
             label = f"{m} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
             if hv:
-                label += f", HV {hv['mean_std'][m][0]:.0f} ± {hv['mean_std'][m][1]:.0f}"
+                ref = "nadir" if hv["reference"] == "nadir" else f"ref ({hv['reference'][0]:g}, {hv['reference'][1]:g})"
+                label += f", HV {hv['mean_std'][m][0]:.0f}" + (f" ± {hv['mean_std'][m][1]:.0f}" if len(hv["seeds"]) > 1
+                                                                else "") + f" ({ref})"
             ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-pre", color=color, label=label)
         ax.set_xlabel("clean accuracy % (test)")
         ax.set_ylabel("certified accuracy % (" + ("full pipeline" if key == "certified" else "IBP") + ")")
         ax.set_title(f"{record['front']}: {record['setting']}, n = {record['certify_n']} (labels: alpha)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=120)

@@ -44,6 +44,9 @@ def test_hypervolumes_are_paired_by_seed():
     assert pipe["per_seed"]["CC-IBP"] == [5200.0, 5220.0]
     assert pipe["per_seed"]["difference"] == [20.0, 20.0]
     assert pipe["mean_std"]["difference"] == [20.0, 0.0]
+    nadir = next(h for h in F.hypervolumes(rows, [(0.0, 0.0), "nadir"]) if h["reference"] == "nadir")
+    assert nadir["nadir"][:2] == [[60.0, 50.0], [60.0, 51.0]]  # per seed, both methods' componentwise minimum
+    assert nadir["per_seed"]["CC-IBP"][0] == 0.0 and nadir["per_seed"]["CC-Dist"][0] == 20.0  # 20 x (51 - 50)
 
 
 @pytest.mark.slow
@@ -56,7 +59,7 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
                     distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.1"),
                     seeds=(0,), train=("num_threads=1",), certify_n=5, validation=200,
                     certify=CertifyConfig(timeout=5.0, attack_steps=10, restarts=1, max_domains=20),
-                    references=((0.0, 0.0), (10.0, 10.0)), note="tiny")
+                    references=((0.0, 0.0), "nadir"), note="tiny")
     monkeypatch.setitem(F.FRONTS, "tiny-front", front)
     assert main(["reproduce", "--list"]) == 0
     assert "tiny-front: tiny" in capsys.readouterr().out
@@ -80,7 +83,8 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     for h in rec["hypervolume"]:
         for m in F.METHODS:
             pts = [(r["clean"], r[h["metric"]]) for r in rec["rows"] if r["method"] == m]
-            assert h["per_seed"][m] == [round(F.hypervolume(pts, tuple(h["reference"])), 2)]
+            ref = tuple(h["nadir"][0]) if h["reference"] == "nadir" else tuple(h["reference"])
+            assert h["per_seed"][m] == [round(F.hypervolume(pts, ref), 2)]
     md = (tmp_path / "res" / "tiny-front.md").read_text()
     assert "| CC-Dist | 0.5 | 1 |" in md and "hypervolume" in md and "PARTIAL" not in md
     assert (tmp_path / "res" / "tiny-front.png").stat().st_size > 1000
@@ -97,7 +101,7 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs" / "tiny-front_cc-dist_a0.5" / "seed0" / "results.json").exists()
     part = json.loads((tmp_path / "res" / "tiny-front.json").read_text())
     assert len(part["rows"]) == 4 and "PARTIAL: 3 of 4" in part["note"]
-    assert all(not h["seeds"] for h in part["hypervolume"])  # no seed has a whole front of both methods
+    assert all(h["alphas"] == [0.1] for h in part["hypervolume"])  # compared over the alphas both methods have
 
 
 def test_shipped_fronts_are_consistent():
