@@ -18,6 +18,12 @@ if not SHARED.exists():  # CI clones the repo next to ../shared as well; also al
     SHARED = Path(os.environ.get("CERTDIST_SHARED", "/work/shared")) / "reference"
 
 
+def tiny_run_yaml(train_limit: int) -> str:
+    """The shared part of the tiny synthetic-data configs of the reproduce / front tests (2 epochs, an MLP)."""
+    return (f"data: {{dataset: synthetic, train_limit: {train_limit}}}\nmodel: {{arch: mlp}}\neps: 0.05\nepochs: 2\n"
+            "warmup_epochs: 1\nramp_epochs: 1\nlr: 2.0e-3\nlr_milestones: []\neval: {pgd_steps: 3}\n")
+
+
 def random_net(kind: str, seed: int, bn_train: bool = False) -> CertifiableNet:
     """Small random networks that exercise every layer type the engines support."""
     g = torch.Generator().manual_seed(seed)

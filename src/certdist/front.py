@@ -105,19 +105,9 @@ def _run(f: Front, name: str, out_dir: str, method: str | None, alpha: float | N
 
 
 def _evaluate(run: Path, dataset: str, eps: float, n: int) -> dict:
-    """Clean / PGD-40 / IBP-certified accuracy on the first ``n`` test points (as ``certdist evaluate``), cached."""
-    out = run / f"eval_test{n}.json"
-    if out.exists():
-        return json.loads(out.read_text())
-    from certdist import data as D
-    from certdist.evaluation import evaluate
-    from certdist.threats import ThreatModel
-    from certdist.training.checkpoint import model_from_checkpoint
-    model, _ = model_from_checkpoint(run / "last.pt")
-    test = D.load(dataset, "test", limit=n)
-    res = evaluate(model, test.images, test.labels, ThreatModel(eps), progress=False)
-    out.write_text(json.dumps(res, indent=2))
-    return res
+    """Clean / PGD-40 / IBP-certified accuracy on the first ``n`` test points, cached: reproduce's."""
+    from certdist.reproduce import evaluate_run
+    return evaluate_run(run, dataset, eps, n)
 
 
 def _certify_budget() -> "CertifyConfig":

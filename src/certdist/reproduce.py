@@ -134,7 +134,7 @@ def _certify(run: Path, dataset: str, eps: float, n: int, cfg: "CertifyConfig | 
                            run / f"certify_test{n}.jsonl", config=cfg or certify_budget(), progress=False)
 
 
-def _evaluate(run: Path, dataset: str, eps: float, n: int) -> dict:
+def evaluate_run(run: Path, dataset: str, eps: float, n: int) -> dict:
     """Clean / PGD-40 / IBP-certified accuracy on the first ``n`` test points (as `certdist evaluate`)."""
     out = run / f"eval_test{n}.json"
     if out.exists():
@@ -191,7 +191,7 @@ def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "re
     if t.certify_n is not None:
         out = teacher_run / f"eval_test{t.certify_n}.json"
         if not collect_only or out.exists():
-            ev = _evaluate(teacher_run, t.dataset, t.eps, t.certify_n)
+            ev = evaluate_run(teacher_run, t.dataset, t.eps, t.certify_n)
             rows.append(_row(t, teacher_name, None, teacher_run, "test", ev, None))
     else:
         rows.append(_row(t, teacher_name, None, teacher_run, "validation",
@@ -207,7 +207,7 @@ def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "re
             cert_file = run / f"certify_test{t.certify_n}.jsonl"
             if collect_only and not ev_file.exists():
                 continue
-            ev = _evaluate(run, t.dataset, t.eps, t.certify_n)
+            ev = evaluate_run(run, t.dataset, t.eps, t.certify_n)
             cert = None
             if not collect_only or (cert_file.exists() and len(cert_file.read_text().splitlines()) >= t.certify_n):
                 cert = _certify(run, t.dataset, t.eps, t.certify_n, t.certify)

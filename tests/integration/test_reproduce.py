@@ -10,17 +10,9 @@ import pytest
 from certdist import reproduce as R
 from certdist.cli import main
 from certdist.verification.certify import CertifyConfig, read_records
+from conftest import tiny_run_yaml
 
-COMMON = """data: {dataset: synthetic, train_limit: 400}
-model: {arch: mlp}
-eps: 0.05
-epochs: 2
-warmup_epochs: 1
-ramp_epochs: 1
-lr: 2.0e-3
-lr_milestones: []
-eval: {pgd_steps: 3}
-"""
+COMMON = tiny_run_yaml(400)
 
 
 @pytest.mark.slow
