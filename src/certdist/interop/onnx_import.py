@@ -636,10 +636,7 @@ def load_onnx(path: str | os.PathLike, check: bool = True, samples: int = 8, see
 
 def _check_contract(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     """The layer-support contract (certdist.models.support), which every algorithm is tested against."""
-    try:
-        from certdist.models.support import check_supported
-    except ImportError:  # pragma: no cover - older trees without the contract module
-        return
+    from certdist.models.support import check_supported
     try:
         check_supported(model, input_shape)
     except ValueError as e:
