@@ -24,6 +24,15 @@ def tiny_run_yaml(train_limit: int) -> str:
             "warmup_epochs: 1\nramp_epochs: 1\nlr: 2.0e-3\nlr_milestones: []\neval: {pgd_steps: 3}\n")
 
 
+def write_tiny_teacher_and_student(folder: Path, train_limit: int) -> None:
+    """``teacher.yaml`` (PGD-AT, 3 steps) and ``student.yaml`` (CC-IBP) in ``folder``: the tiny runs of the
+    reproduce / front tests."""
+    common = tiny_run_yaml(train_limit)
+    (folder / "teacher.yaml").write_text(common + "name: t\nmethod: pgd-at\nmodel: {arch: mlp, init: default}\n"
+                                         "attack: {steps: 3, step_size: 0.5}\nreg_weight: 0\n")
+    (folder / "student.yaml").write_text(common + "name: s\nmethod: cc-ibp\n")
+
+
 def random_net(kind: str, seed: int, bn_train: bool = False) -> CertifiableNet:
     """Small random networks that exercise every layer type the engines support."""
     g = torch.Generator().manual_seed(seed)

@@ -9,10 +9,7 @@ import pytest
 from certdist import front as F
 from certdist.cli import main
 from certdist.verification.certify import CertifyConfig, read_records
-from conftest import tiny_run_yaml
-
-COMMON = tiny_run_yaml(300)
-
+from conftest import write_tiny_teacher_and_student
 
 def test_hypervolume_on_hand_made_points():
     assert F.hypervolume([]) == 0.0
@@ -43,9 +40,7 @@ def test_hypervolumes_are_paired_by_seed():
 
 @pytest.mark.slow
 def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
-    (tmp_path / "teacher.yaml").write_text(COMMON + "name: t\nmethod: pgd-at\nmodel: {arch: mlp, init: default}\n"
-                                           "attack: {steps: 3, step_size: 0.5}\nreg_weight: 0\n")
-    (tmp_path / "student.yaml").write_text(COMMON + "name: s\nmethod: cc-ibp\n")
+    write_tiny_teacher_and_student(tmp_path, 300)
     monkeypatch.chdir(tmp_path)
     front = F.Front("synthetic-0.05/mlp", "synthetic", 0.05, "teacher.yaml", "student.yaml", alphas=(0.1, 0.5),
                     distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.1"),

@@ -10,16 +10,11 @@ import pytest
 from certdist import reproduce as R
 from certdist.cli import main
 from certdist.verification.certify import CertifyConfig, read_records
-from conftest import tiny_run_yaml
-
-COMMON = tiny_run_yaml(400)
-
+from conftest import write_tiny_teacher_and_student
 
 @pytest.mark.slow
 def test_reproduce_table_end_to_end(tmp_path, monkeypatch, capsys):
-    (tmp_path / "teacher.yaml").write_text(COMMON + "name: t\nmethod: pgd-at\nmodel: {arch: mlp, init: default}\n"
-                                           "attack: {steps: 3, step_size: 0.5}\nreg_weight: 0\n")
-    (tmp_path / "student.yaml").write_text(COMMON + "name: s\nmethod: cc-ibp\n")
+    write_tiny_teacher_and_student(tmp_path, 400)
     monkeypatch.chdir(tmp_path)
     teacher = R.Method("PGD-AT teacher", "teacher.yaml")
     table = R.Table("synthetic-0.05/mlp", "synthetic", 0.05, teacher,
