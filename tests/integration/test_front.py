@@ -102,5 +102,8 @@ def test_shipped_fronts_are_consistent():
             cfg = load_config(str(root / (f.teacher if method is None else f.student)),
                               F._overrides(f, name, "runs/x", method, alpha, "runs/x/t.pt"))
             assert cfg.eps == f.eps and cfg.data.dataset == f.dataset and cfg.data.validation == f.validation
+            for ov in (f.teacher_train if method is None else f.student_train):  # the own overrides arrive
+                key, value = ov.split("=", 1)
+                assert str(getattr(cfg, key)) == str(float(value) if "." in value or "e" in value else int(value)), (name, ov)
             if method is not None:
                 assert cfg.alpha == alpha and bool(cfg.distill.teacher) == (method == "CC-Dist")
