@@ -19,6 +19,8 @@ METHODS = {
     "crown_best": lambda net, x, th, **kw: crown(net, x, th, intermediate="best", return_intermediate=True, **kw),
     "alpha_crown": lambda net, x, th, **kw: alpha_crown(net, x, th, iterations=5, lr=0.3,
                                                         return_intermediate=True, **kw),
+    "alpha_crown_opt": lambda net, x, th, **kw: alpha_crown(net, x, th, iterations=5, lr=0.3, return_intermediate=True,
+                                                            optimize_intermediate=True, **kw),
 }
 
 

@@ -29,7 +29,7 @@ from certdist.verification.bab import bab_verify
 from certdist.verification.chain_bab import chain_bab_verify
 from certdist.verification.dense import backward_lower, crown_bounds, dense_from_model
 from certdist.interop import export_onnx, run_onnx
-from certdist.verification.rounding import fp32_error_bound
+from certdist.verification.rounding import fp32_error_bound, fp32_margin_tolerance
 from conftest import randomize_, sample_box
 
 EPS = 0.15
@@ -178,6 +178,22 @@ def _rounding(case: Case, tmp_path) -> None:
         with torch.no_grad():
             err = (case.net(pts).double() - case.net64(pts.double())).abs()
         assert (err <= e[b]).all(), f"rounding: float32 error {err.max():.3g} above its bound"
+    # the per-row bound (errors carried back through the transposed layers): every logit and every
+    # difference of two logits, with CROWN's pre-activation bounds deciding which ReLUs pass errors on
+    K = e.shape[1]
+    eye = torch.eye(K, dtype=torch.float64)
+    rows = torch.cat([eye, (eye[:, None] - eye[None]).reshape(K * K, K)])
+    C = rows.expand(e.shape[0], -1, -1)
+    _, pre = crown(case.net64, case.x.double(), case.threat, intermediate="crown", return_intermediate=True)
+    tol = fp32_margin_tolerance(case.net64, case.box32, C, input_slack=SLACK, relu_bounds=pre)
+    assert torch.isfinite(tol).all(), "rounding: non-finite margin tolerance"
+    assert (tol <= torch.einsum("bsk,bk->bs", C.abs(), e) * (1 + 1e-12)).all(), "rounding: looser than |C| e"
+    for b in range(e.shape[0]):
+        pts = case.points(b, 400, case.box32).float()
+        with torch.no_grad():
+            diff = case.net(pts).double() - case.net64(pts.double())
+        err = (diff @ rows.T).abs()
+        assert (err <= tol[b]).all(), f"rounding: float32 margin error {(err - tol[b]).max():.3g} above its bound"
 
 
 def _dense(case: Case, tmp_path) -> None:

@@ -297,7 +297,8 @@ def test_random_architectures_bounds_contain_samples_and_corners():
         corners = _corner_units(net, box, g, margin=1e-3 * scale)
         bounds = {"ibp": ibp(net, x, threat), "crown": crown(net, x, threat),
                   "crown-best": crown(net, x, threat, intermediate="best"), "crown-ibp": crown_ibp(net, x, threat),
-                  "alpha-crown": alpha_crown(net, x, threat, iterations=3, lr=0.3)}
+                  "alpha-crown": alpha_crown(net, x, threat, iterations=3, lr=0.3),
+                  "alpha-crown-opt": alpha_crown(net, x, threat, iterations=3, lr=0.3, optimize_intermediate=True)}
         for b in range(2):
             pts = torch.cat([sample_box(box.lower[b], box.upper[b], 200, seed=k), corners[b:b + 1]])
             with torch.no_grad():
@@ -312,5 +313,6 @@ def test_random_architectures_bounds_contain_samples_and_corners():
                 assert (out <= up + tol).all(), (k, name, net, float((out - up).max()))
         tol = 1e-9 * (1 + bounds["crown"].lower.abs())  # alpha-CROWN starts from CROWN's slopes: never looser
         assert (bounds["alpha-crown"].lower >= bounds["crown"].lower - tol).all(), k
+        assert (bounds["alpha-crown-opt"].lower >= bounds["crown"].lower - tol).all(), k
     assert woken >= NUM_ARCHS, woken  # the corner units are awake at their corners (the check can fail)
     assert time.monotonic() - start < 60

@@ -26,8 +26,10 @@ from certdist.verification.settings import STATUSES, CertifyConfig
 # intermediate bounds are "best" (CROWN where IBP leaves neurons unstable, intersected with IBP).
 # 2026.12.1: the effort-budget schedule (quick attack, IBP + CROWN, full attack, alpha-CROWN, complete
 # stage with a domain / node budget). .2: CROWN sums nn.Linear's bias over the positions of a non-flat
-# input; dense BaB never drops a domain as empty on bounds crossed by rounding.
-VERIFIER_VERSION = "2026.12.2"
+# input; dense BaB never drops a domain as empty on bounds crossed by rounding. .3: the float32 tolerance
+# of each margin row carries the rounding errors back through the network (rounding.fp32_margin_tolerance;
+# never looser than .2's forward recursion).
+VERIFIER_VERSION = "2026.12.3"
 FINGERPRINT_KEYS = ("model_hash", "data_hash", "settings", "verifier")
 
 

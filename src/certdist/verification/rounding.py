@@ -198,6 +198,174 @@ def margin_tolerance(err: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bsk,bk->bs", C.abs().to(err.dtype), err)
 
 
+# ---------------------------------------------------------------------------------------------------
+# A tighter bound per specification row: the rounding errors carried back through the network.
+#
+# The float32 network is the exact network with an additive error ``d_k`` at the output of every layer
+# that rounds (``|d_k| <= r_k``, the recursion's own local term, with magnitudes that include the
+# incoming error), and ReLU passes an error on times a factor ``s`` in [0, 1] (``relu(z + e) - relu(z)
+# = s e``), with ``s = 1`` where the pre-activation and its float32 value are both >= 0 on the whole box
+# and ``s = 0`` where both are <= 0. So ``c . (float32 output - exact output) = sum_k g_k . d_k`` with
+# ``g_k`` the row ``c`` carried back to layer ``k``'s output through the transposed layers and the
+# factors ``s``; an interval ``g_k`` (centre, radius) covers every choice of the free factors, and
+# ``sum_k |g_k| . r_k`` bounds the row's error. Only the few unstable ReLUs widen ``g``: unlike the
+# forward recursion (``|W| e`` at every layer), cancellations between the weights count.
+
+# ``rule(m, gc, gr, step) -> (gc, gr)``: the interval row (centre, radius) [B*R, *output] at layer ``m``'s
+# output carried to its input; ``step``: the input's shape, exact range, error bound and rows per sample.
+TransposeRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, "_Step"], tuple[torch.Tensor, torch.Tensor]]
+TRANSPOSE_RULES = LayerRules("rounding-transpose", by_hierarchy=True)  # layer type -> TransposeRule
+
+
+class _Step:
+    def __init__(self, in_shape: tuple, z: Interval, e: torch.Tensor, rows: int) -> None:
+        self.in_shape, self.z, self.e, self.rows = in_shape, z, e, rows
+
+
+def _transpose(*types: type):
+    """Register ``f(m, g, in_shape, absolute) -> M^T g`` (``|M|^T g``) of a linear layer: the centre
+    goes through ``M^T``, the radius through ``|M|^T``."""
+    def deco(f):
+        def rule(m: nn.Module, gc: torch.Tensor, gr: torch.Tensor, step: _Step):
+            return f(m, gc, step.in_shape, False), f(m, gr, step.in_shape, True)
+        TRANSPOSE_RULES.register(*types)(rule)
+        return f
+    return deco
+
+
+def _vjp(f: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor, in_shape: tuple) -> torch.Tensor:
+    """``J^T g`` of the linear map ``f`` (rows of ``g`` [R, *out]) -> [R, *in_shape]."""
+    with torch.inference_mode(False), torch.enable_grad():  # (callers may run under inference_mode)
+        x = torch.zeros(g.shape[0], *in_shape, dtype=g.dtype, device=g.device, requires_grad=True)
+        y = f(x)
+        out, = torch.autograd.grad(y, x, g.clone().reshape(y.shape))
+    return out
+
+
+@_transpose(nn.Linear)
+def _t_linear(m: nn.Linear, g: torch.Tensor, in_shape: tuple, absolute: bool) -> torch.Tensor:
+    W = m.weight.to(g.dtype)
+    return g @ (W.abs() if absolute else W)  # acts on the last dimension, any leading shape
+
+
+@_transpose(nn.Conv2d)
+def _t_conv(m: nn.Conv2d, g: torch.Tensor, in_shape: tuple, absolute: bool) -> torch.Tensor:
+    def conv(x: torch.Tensor) -> torch.Tensor:  # the weights read inside _vjp's autograd-enabled block
+        W = m.weight.to(g.dtype).clone()
+        return F.conv2d(x, W.abs() if absolute else W, None, m.stride, m.padding, m.dilation, m.groups)
+    return _vjp(conv, g, in_shape)
+
+
+@_transpose(nn.AvgPool2d, nn.Flatten)
+def _t_positive(m: nn.Module, g: torch.Tensor, in_shape: tuple, absolute: bool) -> torch.Tensor:
+    return _vjp(m, g, in_shape)  # non-negative weights (or a reshape): |M| = M
+
+
+@_transpose(nn.Identity, nn.Dropout)
+def _t_identity(m: nn.Module, g: torch.Tensor, in_shape: tuple, absolute: bool) -> torch.Tensor:
+    return g
+
+
+@_transpose(nn.modules.batchnorm._BatchNorm)
+def _t_batchnorm(m: nn.Module, g: torch.Tensor, in_shape: tuple, absolute: bool) -> torch.Tensor:
+    scale, _ = batchnorm_affine(m, None)
+    scale = scale.to(g.dtype)
+    scale = scale.abs() if absolute else scale
+    return g * scale.view(1, -1, *[1] * (g.dim() - 2))
+
+
+@_transpose(Normalize)
+def _t_normalize(m: Normalize, g: torch.Tensor, in_shape: tuple, absolute: bool) -> torch.Tensor:
+    std = m.std.to(g.dtype)  # positive (Normalize refuses others)
+    return g / std.view(1, -1, *[1] * (g.dim() - 2))
+
+
+@TRANSPOSE_RULES.register(nn.ReLU)
+def _t_relu(m: nn.ReLU, gc: torch.Tensor, gr: torch.Tensor, step: _Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """``relu(z + e) - relu(z) = s e``, ``s`` in [0, 1]: 1 where the exact and the float32 pre-activation
+    are both >= 0 on the whole box, 0 where both are <= 0, free elsewhere (the row's hull with 0)."""
+    z, e, R = step.z, step.e, step.rows
+    active = (z.lower >= e).repeat_interleave(R, 0)
+    dead = (z.upper + e <= 0).repeat_interleave(R, 0)
+    lo, hi = (gc - gr).clamp(max=0), (gc + gr).clamp(min=0)  # s g for s in [0, 1]
+    gc_ = torch.where(active, gc, torch.where(dead, torch.zeros_like(gc), (lo + hi) / 2))
+    gr_ = torch.where(active, gr, torch.where(dead, torch.zeros_like(gr), (hi - lo) / 2))
+    return gc_, gr_
+
+
+def _rounds(m: nn.Module) -> bool:
+    """Whether the layer's float32 output carries rounding of its own (ReLU, reshapes: exact)."""
+    return not isinstance(m, (nn.ReLU, nn.Flatten, nn.Identity, nn.Dropout))
+
+
+def _carry_back(layers: list[nn.Module], end: int, G: torch.Tensor, ins: list[Interval], e_in: list[torch.Tensor],
+                local: dict[int, torch.Tensor], input_slack: float) -> torch.Tensor:
+    """``sum_k |g_k| . r_k`` (+ the input term) for the rows ``G`` [B, R, *shape of layers[end - 1]'s
+    output] of one layer's output: the bound [B, R] of their float32 errors (see above)."""
+    B, R = G.shape[:2]
+    gc = G.reshape(B * R, *G.shape[2:])
+    gr = torch.zeros_like(gc)
+    total = torch.zeros(B, R, dtype=G.dtype, device=G.device)
+
+    def dot(t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:  # [B*R, ...] . [B, ...] -> [B, R]
+        return (t.reshape(B, R, -1) * r.reshape(B, 1, -1)).sum(-1)
+    for k in range(end - 1, -1, -1):
+        m = layers[k]
+        if k in local:
+            total = total + dot(gc.abs() + gr, local[k])
+        rule = TRANSPOSE_RULES.find(type(m))
+        if rule is None:
+            raise TypeError(f"no float32 rounding bound for layer {type(m).__name__}")
+        gc, gr = rule(m, gc, gr, _Step(tuple(ins[k].lower.shape[1:]), ins[k], e_in[k], R))
+    if input_slack:
+        total = total + dot(gc.abs() + gr, torch.full_like(ins[0].lower, float(input_slack)))
+    return total
+
+
+def fp32_margin_tolerance(model: nn.Module, box: Interval, C: torch.Tensor, input_slack: float = 0.0,
+                          relu_bounds: list[Interval | None] | None = None, max_neurons: int = 4096,
+                          max_rows: int = 512) -> torch.Tensor:
+    """Per specification row ``c`` of ``C`` [B, S, K], a bound [B, S] of ``|c . (float32 model(x') -
+    exact model(x))|`` over all ``x`` in ``box`` and float32 ``x'`` within ``input_slack`` of ``x`` (as
+    :func:`fp32_error_bound`), by carrying the rounding errors back through the network (see above);
+    never looser than :func:`margin_tolerance` of :func:`fp32_error_bound`, which it starts from.
+
+    The ReLUs' stability needs each pre-activation's float32 error: the forward recursion's, tightened
+    the same way (every neuron of a layer carried back) where the layer has at most ``max_neurons``
+    neurons for all ``B`` samples together (``max_rows`` rows at a time): per-point calls tighten, large
+    batches rely on the final carry-back alone."""
+    layers = layers_of(model)
+    with torch.no_grad():
+        inter = exact_ranges(layers, box, relu_bounds)
+        ins = [box, *inter[:-1]]
+        e = torch.full_like(box.lower, float(input_slack))
+        e_in: list[torch.Tensor] = []
+        local: dict[int, torch.Tensor] = {}
+        for k, (m, inp) in enumerate(zip(layers, ins)):
+            e_in.append(e)
+            nxt = _layer_error(m, inp, e)
+            if _rounds(m):
+                widened = Interval(inp.lower - e, inp.upper + e)  # magnitudes with the incoming error
+                local[k] = _layer_error(m, widened, torch.zeros_like(e))
+                feeds_relu = k + 1 < len(layers) and isinstance(layers[k + 1], nn.ReLU)
+                n = nxt[0].numel()
+                if feeds_relu and n * nxt.shape[0] <= max_neurons and torch.isfinite(local[k]).all():
+                    shape = tuple(nxt.shape[1:])
+                    B = nxt.shape[0]
+                    parts = []
+                    for start in range(0, n, max_rows):
+                        rows = torch.arange(start, min(n, start + max_rows), device=e.device)
+                        G = F.one_hot(rows, n).to(e.dtype).view(1, len(rows), *shape).expand(B, -1, *shape)
+                        parts.append(_carry_back(layers, k + 1, G, ins, e_in, local, input_slack))
+                    nxt = torch.minimum(nxt, torch.cat(parts, 1).view(B, *shape))
+            e = nxt
+        tol = margin_tolerance(e, C)
+        if not torch.isfinite(tol).all():
+            return tol
+        back = _carry_back(layers, len(layers), C.to(e.dtype), ins, e_in, local, input_slack)
+        return torch.minimum(tol, back)
+
+
 def proved(lower: torch.Tensor, tol: torch.Tensor | float) -> torch.Tensor:
     """The one acceptance rule of every stage: a row is proved iff its (float64) lower bound exceeds the
     float32 tolerance; NaN proves nothing."""

@@ -18,7 +18,7 @@ from certdist.bounds import Interval
 from certdist.propagation.ibp import check_fixed_batchnorm, ibp
 from certdist.specs import margin_matrix
 from certdist.threats import ThreatModel
-from certdist.verification.rounding import fp32_error_bound, margin_tolerance, proved
+from certdist.verification.rounding import fp32_margin_tolerance, proved
 
 CEX_TOL = 1e-6
 
@@ -49,8 +49,9 @@ def tolerance(net64: nn.Module, box64: Interval, C: torch.Tensor,
     only when its lower bound exceeds it (:func:`certdist.verification.rounding.proved`). It covers
     float32 evaluation at every point :func:`validate_counterexample` accepts (box tolerance ``CEX_TOL``).
     ``relu_bounds``: sound pre-activation bounds over ``box64`` (CROWN's), which tighten the activation
-    ranges the error recursion starts from."""
-    return margin_tolerance(fp32_error_bound(net64, box64, input_slack=CEX_TOL, relu_bounds=relu_bounds), C)
+    ranges the error recursion starts from and the ReLUs whose errors pass on
+    (:func:`certdist.verification.rounding.fp32_margin_tolerance`: the errors carried back per row)."""
+    return fp32_margin_tolerance(net64, box64, C, input_slack=CEX_TOL, relu_bounds=relu_bounds)
 
 
 def ibp_proved(net64: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, num_classes: int
