@@ -323,7 +323,7 @@ def _carry_back(layers: list[nn.Module], end: int, G: torch.Tensor, ins: list[In
 
 
 def fp32_margin_tolerance(model: nn.Module, box: Interval, C: torch.Tensor, input_slack: float = 0.0,
-                          relu_bounds: list[Interval | None] | None = None, max_neurons: int = 4096,
+                          relu_bounds: list[Interval | None] | None = None, max_neurons: int = 1024,
                           max_rows: int = 512) -> torch.Tensor:
     """Per specification row ``c`` of ``C`` [B, S, K], a bound [B, S] of ``|c . (float32 model(x') -
     exact model(x))|`` over all ``x`` in ``box`` and float32 ``x'`` within ``input_slack`` of ``x`` (as
