@@ -53,7 +53,9 @@ RESULTS = ("sat", "unsat", "timeout", "unknown", "error")
 class VerifyConfig:
     """``timeout``: seconds per instance, everything included. ``samples``: random points of the box.
     ``pgd_steps`` / ``pgd_restarts``: the first attack (restarts per disjunct); the second, after the
-    bounds, runs ``late_restarts`` restarts. ``alpha_iterations``: alpha-CROWN steps (0 skips it);
+    bounds, runs ``late_restarts`` restarts. ``odi_steps``: every random restart first takes this many
+    steps up a random direction of the outputs (output-diversified initialisation, Tashiro et al. 2020:
+    the starts spread over the output space, not only the input box). ``alpha_iterations``: alpha-CROWN steps (0 skips it);
     ``alpha_intermediate``: alpha-CROWN optimises the pre-activation bounds too (tighter on deep
     networks; branch and bound then starts from them).
     ``bab``: branch and bound on the open disjuncts with the time left. ``seed``: the random points."""
@@ -63,6 +65,7 @@ class VerifyConfig:
     pgd_steps: int = 50
     pgd_restarts: int = 10
     late_restarts: int = 50
+    odi_steps: int = 10
     alpha_iterations: int = 20
     alpha_lr: float = 0.1
     alpha_intermediate: bool = True
@@ -235,6 +238,21 @@ class _Instance:
                 return best
         return best
 
+    def _diversify(self, x: torch.Tensor, width: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+        """``odi_steps`` sign-gradient steps of each start up ``w . y`` for its own random ``w`` in
+        [-1, 1]^K (output-diversified initialisation)."""
+        steps = self.cfg.odi_steps
+        if steps <= 0:
+            return x
+        w = torch.rand((x.shape[0], self.K), generator=gen, dtype=torch.float64) * 2 - 1
+        for _ in range(steps):
+            with torch.enable_grad():
+                xv = x.float().requires_grad_(True)
+                grad, = torch.autograd.grad((self.network.net(xv).reshape(len(x), -1).double() * w).sum(), xv)
+            x = torch.max(torch.min(x + width / steps * grad.double().sign(), hi), lo)
+        return x
+
     def pgd(self, restarts: int, steps: int, gen: torch.Generator):
         """PGD on the box minimising the violation of each open-or-not disjunct (all in one batch)."""
         if not self.has_float32 or steps <= 0 or restarts <= 0:
@@ -244,10 +262,11 @@ class _Instance:
         ds = torch.arange(D).repeat_interleave(restarts)
         N = len(ds)
         x = lo + torch.rand((N, *lo.shape[1:]), generator=gen, dtype=torch.float64) * (hi - lo)
-        x[::restarts] = (lo + hi)[0] / 2  # one restart per disjunct from the centre
         width = hi - lo
-        best_x, best_v = x.clone(), torch.full((N,), float("inf"), dtype=torch.float64)
         net = self.network.net
+        x = self._diversify(x, width, lo, hi, gen)
+        x[::restarts] = (lo + hi)[0] / 2  # one restart per disjunct from the centre
+        best_x, best_v = x.clone(), torch.full((N,), float("inf"), dtype=torch.float64)
         for step in range(steps):
             if step % 10 == 0 and self.left() <= 0:
                 break
