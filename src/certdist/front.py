@@ -3,9 +3,11 @@
 A comparison at one alpha cannot show a better trade-off (docs/results.md): a front trains the teacher
 once, then for every alpha of the front a CC-IBP student and a CC-Dist student (the same recipe and alpha,
 plus the distillation settings chosen on the validation split) over the seeds, evaluates every network on
-the first ``certify_n`` TEST points (clean, PGD-40, IBP-certified, as ``certdist evaluate``) and certifies
-every student there with the full ``certify`` pipeline under an effort budget (verdicts do not depend on
-the machine's load). It writes ``<results>/<front>.json``, ``.md`` and ``.png``: per method and alpha the
+the first ``eval_n`` TEST points (clean, PGD-40, IBP-certified, as ``certdist evaluate``) and certifies
+every student on the first ``certify_n`` of them with the full ``certify`` pipeline under an effort budget
+(verdicts do not depend on the machine's load). The pipeline front pairs that certified accuracy with the
+clean accuracy of the ``eval_n`` points (both estimate the test set's; the pipeline's own clean accuracy
+on its points is kept as ``pipeline_clean``). It writes ``<results>/<front>.json``, ``.md`` and ``.png``: per method and alpha the
 mean ± std over seeds, both fronts in one plot (clean on x, certified on y, each method's non-dominated
 front of the mean points as a step line) and, per seed, the dominated hypervolume of each method's front
 (mean ± std over seeds; also the paired CC-Dist minus CC-IBP difference).
@@ -42,7 +44,8 @@ class Front:
     train: tuple[str, ...] = ()           # overrides for every run, teacher included
     teacher_train: tuple[str, ...] = ()   # overrides for the teacher only
     student_train: tuple[str, ...] = ()   # overrides for every student (both methods), before alpha
-    certify_n: int = 300                  # the first N test points
+    certify_n: int = 300                  # the first N test points: the full certify pipeline
+    eval_n: int | None = None             # the first N test points: clean, PGD-40, IBP-certified (None: certify_n)
     certify: "CertifyConfig | None" = None  # None: certdist.reproduce.certify_budget()
     max_domains: int | None = None        # overrides the budget's branch-and-bound domains per point
     validation: int = 5000                # the last N training images, held out
@@ -67,7 +70,7 @@ FRONTS: dict[str, Front] = {
         alphas=(0.01, 0.03, 0.1, 0.3),
         distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.03"),
         train=("data.train_limit=10000", "num_threads=1", "eval.pgd_steps=10"),
-        references=((0.0, 0.0), "nadir"), max_domains=300,
+        references=((0.0, 0.0), "nadir"), max_domains=300, certify_n=100, eval_n=1000,
         note="DM-small, configs/small 10-epoch recipe, first 10,000 training images (last 5,000 held out), "
              "CC-Dist: KL on logits, T 4, beta 0.03 (the shipped configs/small/fashion-mnist_cc-dist.yaml "
              "setting; `certdist tune` on the validation split at alpha 0.1 chose it again)."),
@@ -83,7 +86,7 @@ FRONTS: dict[str, Front] = {
         train=("eps=0.3", "data.train_limit=10000", "num_threads=1", "eval.pgd_steps=10"),
         teacher_train=("warmup_epochs=1", "ramp_epochs=3"),
         student_train=("l1=3e-6", "train_eps_mul=1.334"),
-        references=((0.0, 0.0), "nadir"), max_domains=300,
+        references=((0.0, 0.0), "nadir"), max_domains=300, certify_n=100, eval_n=1000,
         note="DM-small, configs/small 10-epoch recipe with the expressive-losses MNIST 0.3 student settings "
              "(train eps x1.334, l1 3e-6), first 10,000 training images (last 5,000 held out); CC-Dist: KL on "
              "logits, T 4, beta 0.1 (chosen on the validation split by the mnist-0.3 grid)."),
@@ -161,14 +164,15 @@ def _certified_done(run: Path, n: int) -> bool:
 
 def _row(f: Front, method: str, alpha: float | None, run: Path, ev: dict, cert: dict | None) -> dict:
     res = json.loads((run / "results.json").read_text())
-    if cert is not None and cert["n"] != ev["n"]:
-        raise ValueError(f"{run}: evaluated on {ev['n']} points, certified on {cert['n']}")
+    if cert is not None and cert["n"] != f.certify_n:
+        raise ValueError(f"{run}: certified on {cert['n']} points, not the front's {f.certify_n}")
     r2 = lambda v: None if v is None else round(v, 2)  # noqa: E731
     return {"setting": f.setting, "method": method, "alpha": alpha, "seed": res["seed"],
             "clean": r2(ev["clean_acc"]), "pgd": r2(ev["pgd_acc"]), "ibp_cert": r2(ev["ibp_cert_acc"]),
             "certified": None if cert is None else round(100 * cert["certified_accuracy"], 2),
             "pipeline_attack": None if cert is None else round(100 * cert["attack_accuracy"], 2),
-            "n": ev["n"], "split": "test",
+            "pipeline_clean": None if cert is None else round(100 * cert["clean_accuracy"], 2),
+            "n": ev["n"], "certified_n": None if cert is None else cert["n"], "split": "test",
             "val_clean": r2(res.get("clean_acc")), "val_robust": r2(res.get("robust_acc")),
             "val_ibp_cert": r2(res.get("ibp_cert_acc")), "val_split": res.get("split"),
             "train_time_s": res.get("train_time_s"), "run": str(run)}
@@ -188,17 +192,18 @@ def run_front(name: str, out_dir: str = "runs/fronts", results: str = "results",
         raise FileNotFoundError(f"{name}: the teacher has not finished (run without --collect)")
     teacher_ckpt = str(teacher_run / "last.pt")
     rows = []
-    if not collect_only or (teacher_run / f"eval_test{f.certify_n}.json").exists():
-        rows.append(_row(f, "PGD-AT teacher", None, teacher_run, _evaluate(teacher_run, f.dataset, f.eps, f.certify_n),
+    eval_n = f.eval_n or f.certify_n
+    if not collect_only or (teacher_run / f"eval_test{eval_n}.json").exists():
+        rows.append(_row(f, "PGD-AT teacher", None, teacher_run, _evaluate(teacher_run, f.dataset, f.eps, eval_n),
                          None))
     expected = len(seeds) * len(f.alphas) * len(METHODS)
     for seed in seeds:  # seed-major: a front cut short holds whole seeds
         for alpha in f.alphas:
             for method in METHODS:
                 run = _run(f, name, out_dir, method, alpha, seed, teacher_ckpt, collect_only)
-                if run is None or (collect_only and not (run / f"eval_test{f.certify_n}.json").exists()):
+                if run is None or (collect_only and not (run / f"eval_test{eval_n}.json").exists()):
                     continue
-                ev = _evaluate(run, f.dataset, f.eps, f.certify_n)
+                ev = _evaluate(run, f.dataset, f.eps, eval_n)
                 cert = _certify(run, f) if not collect_only or _certified_done(run, f.certify_n) else None
                 rows.append(_row(f, method, alpha, run, ev, cert))
     students = [r for r in rows if r["method"] in METHODS]
@@ -212,6 +217,7 @@ def run_front(name: str, out_dir: str = "runs/fronts", results: str = "results",
     record = {"front": name, "setting": f.setting, "dataset": f.dataset, "eps": f.eps, "alphas": list(f.alphas),
               "seeds": list(seeds), "distill": list(f.distill), "train": list(f.train),
               "teacher_train": list(f.teacher_train), "student_train": list(f.student_train), "certify_n": f.certify_n,
+              "eval_n": eval_n,
               "certify": {"timeout": cfg.timeout, "max_domains": cfg.max_domains}, "note": note, "rows": rows,
               "summary": summarize(rows), "hypervolume": hypervolumes(rows, f.references)}  # over the alphas run
     write_front(name, record, results)
@@ -315,7 +321,9 @@ def _cell(e: dict, k: str) -> str:
 
 def format_markdown(record: dict) -> str:
     lines = [f"# {record['front']}", "", record["note"], "",
-             f"Setting {record['setting']}; first {record['certify_n']} test points; full certify pipeline with "
+             f"Setting {record['setting']}; clean, PGD-40 and IBP-certified accuracy on the first "
+             f"{record.get('eval_n') or record['certify_n']} test points, the full certify pipeline on the first "
+             f"{record['certify_n']} (its clean accuracy in the per-run table), with "
              f"at most {record['certify']['max_domains']} branch-and-bound domains per point "
              f"({record['certify']['timeout']:g} s wall-clock cap). CC-Dist overrides: "
              f"{' '.join(record['distill'])}; every run: {' '.join(record['train']) or '-'}"
@@ -403,7 +411,8 @@ def plot_front(record: dict, out: str | Path) -> Path:
             ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-pre", color=color, label=label)
         ax.set_xlabel("clean accuracy % (test)")
         ax.set_ylabel("certified accuracy % (" + ("full pipeline" if key == "certified" else "IBP") + ")")
-        ax.set_title(f"{record['front']}: {record['setting']}, n = {record['certify_n']} (labels: alpha)", fontsize=9)
+        n = record["certify_n"] if key == "certified" else record.get("eval_n") or record["certify_n"]
+        ax.set_title(f"{record['front']}: {record['setting']}, n = {n} (labels: alpha)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -44,7 +44,7 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     front = F.Front("synthetic-0.05/mlp", "synthetic", 0.05, "teacher.yaml", "student.yaml", alphas=(0.1, 0.5),
                     distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.1"),
-                    seeds=(0,), train=("num_threads=1",), certify_n=5, validation=200,
+                    seeds=(0,), train=("num_threads=1",), certify_n=5, eval_n=8, validation=200,
                     certify=CertifyConfig(timeout=5.0, attack_steps=10, restarts=1, max_domains=20),
                     references=((0.0, 0.0), "nadir"), note="tiny")
     monkeypatch.setitem(F.FRONTS, "tiny-front", front)
@@ -56,8 +56,9 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert got == [("PGD-AT teacher", None, 0), ("CC-IBP", 0.1, 0), ("CC-Dist", 0.1, 0), ("CC-IBP", 0.5, 0),
                    ("CC-Dist", 0.5, 0)]
     for r in rec["rows"][1:]:
-        assert r["n"] == 5 and r["split"] == "test" and r["val_split"] == "validation"
-        assert 0 <= r["ibp_cert"] <= r["certified"] <= r["clean"] <= 100
+        assert r["n"] == 8 and r["certified_n"] == 5 and r["split"] == "test" and r["val_split"] == "validation"
+        assert 0 <= r["ibp_cert"] <= r["clean"] <= 100 and 0 <= r["certified"] <= r["pipeline_clean"] <= 100
+    assert (tmp_path / "runs" / "tiny-front_cc-ibp_a0.1" / "seed0" / "eval_test8.json").exists()
     cfg = json.loads((tmp_path / "runs" / "tiny-front_cc-dist_a0.5" / "seed0" / "results.json").read_text())["config"]
     assert cfg["alpha"] == 0.5 and cfg["distill"]["beta"] == 0.1 and cfg["distill"]["loss"] == "kl"
     assert cfg["distill"]["teacher"] == "runs/tiny-front_teacher/seed0/last.pt"
