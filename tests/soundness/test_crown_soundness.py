@@ -99,3 +99,17 @@ def test_split_constraints_from_branch_and_bound_are_sound(kind, bn_train):
                 m = oracle(pts[keep]) @ margin_matrix(y[i:i + 1], net.num_classes)[0].T
             _assert_inside(m, out, i, "split crown")
             _assert_inside(m, out_a, i, "split alpha-crown")
+
+
+def test_optimised_intermediate_bounds_fall_back_to_output_slopes_over_the_memory_budget():
+    """Slopes for every intermediate neuron would exceed ``max_memory``: a warning, and the bounds of plain
+    alpha-CROWN (output slopes only), not an out-of-memory crash."""
+    net, x, y, _ = _setup("conv", False, 0, n=2)
+    th = ThreatModel(0.1)
+    with pytest.warns(RuntimeWarning, match="max_memory"):
+        got = alpha_crown(net.eval(), x, th, y=y, iterations=3, optimize_intermediate=True, max_memory=20_000)
+    want = alpha_crown(net.eval(), x, th, y=y, iterations=3, max_memory=20_000)
+    assert torch.equal(got.lower, want.lower)
+    full = alpha_crown(net.eval(), x, th, y=y, iterations=3, optimize_intermediate=True)  # fits the default
+    base = crown(net.eval(), x, th, y=y)  # the first step is CROWN's slopes and bounds: never looser
+    assert (full.lower >= base.lower - 1e-5).all()

@@ -10,6 +10,7 @@ result is never looser than CROWN with the same pre-activation bounds (which are
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -45,7 +46,8 @@ def alpha_crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y
     with its own slopes for every ReLU before it, optimised jointly with the output's slopes for the
     output bound, each bound intersected with the best seen so far (any slopes in [0, 1] give sound
     bounds, so every intersection is sound). Tighter on deep networks, where CROWN's intermediate bounds
-    are loose; about ``iterations`` times the cost of one CROWN pass with all intermediate neurons.
+    are loose; about ``iterations`` times the cost of one CROWN pass with all intermediate neurons. When its
+    slopes would exceed ``max_memory`` it warns and optimises the output's slopes only.
     With ``return_intermediate`` the tightened bounds are returned."""
     check_bound_inputs(model, x, threat, batch_stats)
     if iterations < 0:
@@ -61,6 +63,11 @@ def alpha_crown(model, x: torch.Tensor, threat, C: torch.Tensor | None = None, y
             chain, box, pre = prepare_chain(model, x, threat, ref, eps, intermediate, intermediate_bounds, max_memory,
                                             box)
             C = default_spec(x, chain.shapes[-1][0], C, y)
+        if optimize_intermediate and _all_slopes_bytes(chain, pre, C) > max_memory:
+            warnings.warn(f"alpha_crown: optimising the intermediate bounds needs ~{_all_slopes_bytes(chain, pre, C) >> 20} "
+                          f"MiB of slopes, above max_memory ({max_memory >> 20} MiB); only the output's slopes are "
+                          "optimised", RuntimeWarning, stacklevel=2)
+            optimize_intermediate = False
         if optimize_intermediate:
             out, pre = _optimise_all(chain, box, pre, C, iterations, lr, lr_decay, bound_lower, bound_upper)
             if return_intermediate:
@@ -119,6 +126,34 @@ def _optimise(chain: Chain, box: Interval, pre: dict[int, Interval], C: torch.Te
     return Interval(best_lo, best_up)
 
 
+def _intermediate_targets(chain: Chain, pre0: dict[int, Interval]) -> dict[int, torch.Tensor]:
+    """Per ReLU after the first, the (flat) neurons unstable in ``pre0`` for some sample."""
+    targets: dict[int, torch.Tensor] = {}
+    for k, i in enumerate(chain.relus):
+        if k == 0:
+            continue  # the first ReLU's bounds come from affine maps of the box: CROWN's are exact
+        _, _, _, unstable = relu_relaxation(pre0[i])
+        idx = torch.nonzero(unstable.flatten(1).any(0)).flatten()
+        if len(idx):
+            targets[i] = idx
+    return targets
+
+
+def _all_slopes_bytes(chain: Chain, pre0: dict[int, Interval], C: torch.Tensor) -> int:
+    """The memory of :func:`_optimise_all`'s slopes with their gradients and Adam state (x4), two sides,
+    and of the widest backward pass of each intermediate specification (x6)."""
+    B = C.shape[0]
+    size = C.element_size()
+    numel = {i: int(torch.Size(chain.shapes[i]).numel()) for i in chain.relus}
+    widest = max(int(torch.Size(s).numel()) for s in chain.shapes)
+    rows = {i: len(idx) for i, idx in _intermediate_targets(chain, pre0).items()}
+    rows[len(chain.layers)] = C.shape[1]
+    total = 0
+    for end, r in rows.items():
+        total += B * r * size * (2 * 4 * sum(n for j, n in numel.items() if j < end) + 6 * widest)
+    return total
+
+
 def _optimise_all(chain: Chain, box: Interval, pre0: dict[int, Interval], C: torch.Tensor, iterations: int,
                   lr: float, lr_decay: float, lower: bool, upper: bool) -> tuple[Interval, dict[int, Interval]]:
     """alpha-CROWN with optimised intermediate bounds (all samples at once): per ReLU ``i`` after the
@@ -130,14 +165,7 @@ def _optimise_all(chain: Chain, box: Interval, pre0: dict[int, Interval], C: tor
     dtype = box.lower.dtype
     best_pre = {i: Interval(p.lower.detach().clone(), p.upper.detach().clone()) for i, p in pre0.items()}
     # the neurons to re-bound at each ReLU: unstable in pre0 (any sample), as rows of a one-hot spec
-    targets: dict[int, torch.Tensor] = {}
-    for k, i in enumerate(chain.relus):
-        if k == 0:
-            continue  # the first ReLU's bounds come from one affine map of the box: CROWN's are exact
-        _, _, _, unstable = relu_relaxation(pre0[i])
-        idx = torch.nonzero(unstable.flatten(1).any(0)).flatten()
-        if len(idx):
-            targets[i] = idx
+    targets = _intermediate_targets(chain, pre0)
     alphas_of: dict[int, dict[int, tuple]] = {}  # start layer (ReLU index or "out") -> ReLU j -> (al, au)
 
     def init(rows: int, before: int, sides: tuple[bool, bool]) -> dict[int, tuple]:

@@ -334,6 +334,9 @@ def fp32_margin_tolerance(model: nn.Module, box: Interval, C: torch.Tensor, inpu
     the same way (every neuron of a layer carried back) where the layer has at most ``max_neurons``
     neurons for all ``B`` samples together (``max_rows`` rows at a time): per-point calls tighten, large
     batches rely on the final carry-back alone."""
+    if box.lower.dtype != torch.float64:
+        raise ValueError(f"fp32_margin_tolerance needs a float64 box and model (its own rounding must be far below "
+                         f"float32's), got {box.lower.dtype}")
     layers = layers_of(model)
     with torch.no_grad():
         inter = exact_ranges(layers, box, relu_bounds)

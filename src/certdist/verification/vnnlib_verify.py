@@ -341,7 +341,8 @@ def _bound_stages(inst: _Instance, res: VerifyResult) -> tuple[list[Interval] | 
                 pre = [Interval(torch.maximum(a.lower, t.lower), torch.minimum(a.upper, t.upper))
                        for a, t in zip(pre, tighter)]
             # the float32 tolerance from the tighter pre-activation bounds (fewer ReLUs pass errors on)
-            tol = torch.minimum(tol, fp32_margin_tolerance(net64, box, C, relu_bounds=pre)[0])
+            # (fmin: a NaN of an earlier tolerance does not hide a finite later one; each is a sound bound)
+            tol = torch.fmin(tol, fp32_margin_tolerance(net64, box, C, relu_bounds=pre)[0])
         low = torch.nan_to_num(out.lower[0].detach(), nan=-float("inf"), posinf=-float("inf"))
         best = torch.maximum(best, low)
         inst.close(best, b, tol, owner)
