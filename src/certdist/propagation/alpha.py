@@ -93,6 +93,20 @@ def _samples_per_chunk(chain: Chain, C: torch.Tensor, sides: int, max_memory: in
     return max(1, max_memory // max(1, per_sample))
 
 
+def _slope_step(out: Interval, params: list[torch.Tensor], opt, sched, lower: bool, upper: bool) -> None:
+    """One projected Adam step of the slopes on the bound ``out`` (up the lower, down the upper bound),
+    clamped back to [0, 1]. A slope the bound does not depend on gets no gradient and is left as it is."""
+    loss = (-out.lower.sum() if lower else 0) + (out.upper.sum() if upper else 0)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for a, g in zip(params, grads):
+        a.grad = g
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        for a in params:
+            a.clamp_(0.0, 1.0)
+
+
 def _optimise(chain: Chain, box: Interval, pre: dict[int, Interval], C: torch.Tensor, iterations: int, lr: float,
               lr_decay: float, lower: bool, upper: bool) -> Interval:
     S = C.shape[1]
@@ -114,15 +128,7 @@ def _optimise(chain: Chain, box: Interval, pre: dict[int, Interval], C: torch.Te
         best_up = torch.minimum(best_up, out.upper.detach())
         if step == iterations or opt is None:
             break
-        loss = (-out.lower.sum() if lower else 0) + (out.upper.sum() if upper else 0)
-        grads = torch.autograd.grad(loss, params)
-        for a, g in zip(params, grads):
-            a.grad = g
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for a in params:
-                a.clamp_(0.0, 1.0)
+        _slope_step(out, params, opt, sched, lower, upper)
     return Interval(best_lo, best_up)
 
 
@@ -213,13 +219,5 @@ def _optimise_all(chain: Chain, box: Interval, pre0: dict[int, Interval], C: tor
         best_up = torch.minimum(best_up, out.upper.detach())
         if step == iterations or opt is None:
             break
-        loss = (-out.lower.sum() if lower else 0) + (out.upper.sum() if upper else 0)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for a, g in zip(params, grads):
-            a.grad = g
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for a in params:
-                a.clamp_(0.0, 1.0)
+        _slope_step(out, params, opt, sched, lower, upper)
     return Interval(best_lo, best_up), best_pre
