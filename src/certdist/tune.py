@@ -274,10 +274,30 @@ def _optuna():
     return optuna
 
 
+# A running trial's process writes a heartbeat every HEARTBEAT_S seconds; one silent for GRACE_S (its process
+# was killed) is marked FAIL by the next trial started on the study and queued again with the same values
+# (at most MAX_RETRY times), resuming the killed trial's folder from its last checkpoint.
+HEARTBEAT_S = 60
+GRACE_S = 300
+MAX_RETRY = 2
+
+
 def _storage(optuna, url: str):
-    if url.startswith("sqlite:///"):  # several processes write to one file: wait for the lock, not fail
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
-    return url
+    """An RDB storage (SQLite, PostgreSQL, MySQL URLs) with heartbeats and retries of killed trials; other
+    URLs are given to Optuna as they are."""
+    if "://" not in url:
+        return url
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    key = "heartbeat_stale_trial_callback"
+    if retry_cls is None:  # Optuna < 4.9
+        retry_cls, key = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+    # several processes write to one SQLite file: wait for its lock, not fail
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                          grace_period=GRACE_S, **{key: retry_cls(max_retry=MAX_RETRY)})
 
 
 def _sampler(optuna, name: str, seed: int, n_objectives: int):
@@ -332,6 +352,25 @@ def _trial_config(base: RunConfig, values: Mapping[str, Any], out: Path, study_n
     return cfg
 
 
+def _trial_number_of(run_dir: str) -> int:
+    """The trial number in ``<out>/trials/<study>_trial<k>/seed<s>``."""
+    name = Path(run_dir).parent.name
+    try:
+        return int(name.rsplit("_trial", 1)[1])
+    except (IndexError, ValueError):
+        raise TuneError(f"cannot resume the killed trial's folder {run_dir}: not a <study>_trial<k> folder") from None
+
+
+def _finished_same(run: Path, cfg: RunConfig) -> bool:
+    """``run`` holds a finished run of ``cfg`` (the keys that matter for the result)."""
+    from certdist.training.loop import RESUME_IGNORES
+    f = run / "results.json"
+    if not f.exists():
+        return False
+    saved = json.loads(f.read_text()).get("config", {})
+    return not differing_keys(saved, to_dict(cfg), RESUME_IGNORES)
+
+
 def _objective_fn(study, base: RunConfig, params: Sequence[Param], objectives: Sequence[str], out: Path,
                   validation: int, prune_after: int | None, runtime: Mapping[str, Any]):
     optuna = _optuna()
@@ -340,12 +379,18 @@ def _objective_fn(study, base: RunConfig, params: Sequence[Param], objectives: S
 
     def objective(trial):
         values = {p.key: p.suggest(trial) for p in params}
-        cfg = _trial_config(base, values, out, study.study_name, trial.number, validation, runtime)
+        # a retry of a killed trial inherits its user attributes: its folder, resumed from the last checkpoint
+        inherited = trial.user_attrs.get("run_dir")
+        number = _trial_number_of(inherited) if inherited else trial.number
+        cfg = _trial_config(base, values, out, study.study_name, number, validation, runtime)
         run = run_dir_for(cfg)
-        if run.exists() and any(run.iterdir()):
+        resume = inherited is not None and Path(inherited) == run and (run / "last.pt").exists()
+        if not resume and run.exists() and any(run.iterdir()):
             raise TuneError(f"{run} already holds a run (of an earlier study in {out}?); it is not overwritten: "
                             "use another --out or --study-name, or remove that folder")
         trial.set_user_attr("run_dir", str(run))
+        if resume:
+            trial.set_user_attr("resumed_from", number)
 
         def on_epoch(row: dict) -> None:
             e = int(row["epoch"])
@@ -366,7 +411,8 @@ def _objective_fn(study, base: RunConfig, params: Sequence[Param], objectives: S
                 raise optuna.TrialPruned(f"epoch {e}: {vals} dominated by the median {med} of {len(peers)} "
                                          "finished trials")
 
-        train(cfg, on_epoch=on_epoch)
+        if not (resume and _finished_same(run, cfg)):  # a trial killed after training but before reporting
+            train(cfg, resume=resume, on_epoch=on_epoch)
         results = json.loads((run / "results.json").read_text())
         if results.get("split") != "validation":
             raise TuneError(f"{run}: evaluated on the {results.get('split')!r} split, not validation")

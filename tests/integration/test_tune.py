@@ -151,3 +151,68 @@ def test_pareto_front_and_export():
     assert sorted(pareto_front([[90, 10], [80, 20], [85, 5], [80, 20], [70, 15]])) == [0, 1, 3]
     import certdist.tune as module  # the module is callable too, so certdist.tune(...) works either way
     assert callable(certdist.tune) and callable(module)
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+import certdist.tune as T
+import certdist.training.loop as L
+T.HEARTBEAT_S, T.GRACE_S = 1, 2
+real = L.train
+
+def stalled(cfg, resume=False, overwrite=False, on_epoch=None):
+    def hook(row):
+        on_epoch(row)
+        if int(row["epoch"]) == 1:  # the first epoch's checkpoint is saved: wait to be killed
+            Path(sys.argv[2]).write_text("1")
+            time.sleep(600)
+    return real(cfg, resume=resume, overwrite=overwrite, on_epoch=hook)
+
+L.train = stalled
+T.tune(None, {space!r}, trials=1, out=sys.argv[1], overrides={base!r}, validation={val}, prune=False, report=False,
+       verbose=False)
+"""
+
+
+def test_killed_trial_is_retried_from_its_checkpoint(tmp_path, monkeypatch):
+    """A trial whose process is killed (SIGKILL: no Python cleanup) stays RUNNING; once its heartbeat is stale
+    the next search marks it FAIL and reruns it with the same values, resuming its folder's checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    import certdist.tune as T
+    out, marker = tmp_path / "k", tmp_path / "epoch1"
+    base = [b for b in BASE if not b.startswith("epochs=")] + ["epochs=3"]
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(space=SPACE, base=base, val=VAL))
+    child = subprocess.Popen([sys.executable, str(script), str(out), str(marker)])
+    try:
+        for _ in range(600):
+            if marker.exists() or child.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert marker.exists(), f"the child search ended (rc {child.poll()}) before its first epoch"
+    finally:
+        child.kill()
+        child.wait()
+    killed = study_of(out).trials[0]
+    assert killed.state == optuna.trial.TrialState.RUNNING
+    folder = out / "trials" / "tune_trial0000" / "seed0"
+    assert (folder / "last.pt").exists() and not (folder / "results.json").exists()
+
+    monkeypatch.setattr(T, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(T, "GRACE_S", 2)
+    time.sleep(3)  # the killed trial's heartbeat goes stale
+    res = tune(None, SPACE, trials=1, out=out, overrides=base, validation=VAL, prune=False, report=False,
+               verbose=False)
+    states = [t.state for t in res.study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL and states[1] == optuna.trial.TrialState.COMPLETE
+    retry = res.study.trials[1]
+    assert retry.params == killed.params and retry.user_attrs["resumed_from"] == 0
+    assert retry.user_attrs["run_dir"] == str(folder)
+    assert not (out / "trials" / "tune_trial0001").exists()
+    epochs = [int(r["epoch"]) for r in csv.DictReader((folder / "metrics.csv").open())]
+    assert epochs == [1, 2, 3]  # epoch 1 from the killed process, 2-3 resumed; none trained twice
+    assert json.loads((folder / "results.json").read_text())["split"] == "validation"
