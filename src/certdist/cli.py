@@ -266,12 +266,13 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"{name}: {t.note}")
         return 0
     if args.table in FRONTS:  # clean-vs-certified fronts (certdist.front); runs in runs/fronts by default
-        run_front(args.table, out_dir=args.out_dir or "runs/fronts", results=args.results, collect_only=args.collect)
+        run_front(args.table, out_dir=args.out_dir or "runs/fronts", results=args.results, collect_only=args.collect,
+                  jobs=args.jobs)
     elif args.table not in TABLES:
         raise SystemExit(f"error: unknown table {args.table!r}; known: {', '.join(TABLES)}")
     else:
         run_table(args.table, out_dir=args.out_dir or "runs/reproduce", results_dir=args.results,
-                  collect_only=args.collect)
+                  collect_only=args.collect, jobs=args.jobs)
     print((Path(args.results) / f"{args.table}.md").read_text())
     print(f"written: {args.results}/{args.table}.md, .json, .png")
     return 0
@@ -451,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", default="results", help="where the table files go")
     rp.add_argument("--collect", action="store_true", help="start nothing: write the table from the finished "
                     "runs and certifications (labelled partial if some are missing)")
+    rp.add_argument("--jobs", type=int, default=1, help="after the teacher, run the student runs "
+                    "(train, evaluate, certify) in N worker processes of cpu_count/N threads each (default 1)")
     rp.set_defaults(fn=_cmd_reproduce)
 
     tu = sub.add_parser("tune", help="hyper-parameter search on the validation split (Optuna; Pareto front of "

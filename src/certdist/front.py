@@ -181,19 +181,36 @@ def _row(f: Front, method: str, alpha: float | None, run: Path, ev: dict, cert: 
             "train_time_s": res.get("train_time_s"), "run": str(run)}
 
 
+def _student_job(task: tuple) -> str:
+    """One front point (a worker process of ``run_front(jobs=...)``): train, evaluate, certify."""
+    f, name, out_dir, method, alpha, seed, teacher_ckpt = task
+    run = _run(f, name, out_dir, method, alpha, seed, teacher_ckpt, False)
+    _evaluate(run, f.dataset, f.eps, f.eval_n or f.certify_n)
+    _certify(run, f)
+    return str(run)
+
+
 def run_front(name: str, out_dir: str = "runs/fronts", results: str = "results", seeds: Sequence[int] | None = None,
-              collect_only: bool = False) -> dict:
+              collect_only: bool = False, jobs: int = 1) -> dict:
     """Run front ``name`` of :data:`FRONTS` (everything not yet done) and write ``<results>/<name>.json``,
     ``.md`` and ``.png``. ``seeds``: the front's own by default. ``collect_only``: start nothing; write the
-    files from what has finished (labelled partial). Returns the JSON record."""
+    files from what has finished (labelled partial). ``jobs``: after the teacher, the student runs (each
+    trained, evaluated and certified in turn) go to that many worker processes of cpu_count // jobs
+    threads (:func:`certdist.sweep.run_jobs`); the numbers do not depend on it. Returns the JSON record."""
     if name not in FRONTS:
         raise ValueError(f"unknown front {name!r}; known: {', '.join(FRONTS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     f = FRONTS[name]
     seeds = tuple(f.seeds if seeds is None else seeds)
     teacher_run = _run(f, name, out_dir, None, None, 0, None, collect_only)
     if teacher_run is None:
         raise FileNotFoundError(f"{name}: the teacher has not finished (run without --collect)")
     teacher_ckpt = str(teacher_run / "last.pt")
+    if jobs > 1 and not collect_only:
+        from certdist.sweep import run_jobs
+        run_jobs(_student_job, [(f, name, out_dir, m, a, s, teacher_ckpt) for s in seeds for a in f.alphas
+                                for m in METHODS], jobs, "front run")
     rows = []
     eval_n = f.eval_n or f.certify_n
     if not collect_only or (teacher_run / f"eval_test{eval_n}.json").exists():

@@ -171,12 +171,26 @@ def _finished(t: Table, m: Method, seeds, out_dir: str, teacher_ckpt: str | None
     return [d for d in dirs if (d / "results.json").exists()]
 
 
+def _student_job(task: tuple) -> str:
+    """One (method, seed) of a table (a worker process of ``run_table(jobs=...)``): train, evaluate, certify."""
+    t, m, seed, out_dir, teacher_ckpt = task
+    run, = _train(t, m, (seed,), out_dir, teacher_ckpt)
+    if t.certify_n is not None:
+        evaluate_run(run, t.dataset, t.eps, t.certify_n)
+        _certify(run, t.dataset, t.eps, t.certify_n, t.certify)
+    return str(run)
+
+
 def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "results",
-              collect_only: bool = False) -> list[dict]:
+              collect_only: bool = False, jobs: int = 1) -> list[dict]:
     """Run table ``name`` (everything not yet done) and write its files. ``collect_only``: start nothing;
-    write the table from the runs (and certifications) that have finished, labelled partial if any is missing."""
+    write the table from the runs (and certifications) that have finished, labelled partial if any is missing.
+    ``jobs``: after the teacher, the (method, seed) runs (each trained, evaluated and certified in turn) go
+    to that many worker processes of cpu_count // jobs threads (:func:`certdist.sweep.run_jobs`)."""
     if name not in TABLES:
         raise ValueError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     t = TABLES[name]
     runs = (lambda m, seeds, ck: _finished(t, m, seeds, out_dir, ck)) if collect_only else \
         (lambda m, seeds, ck: _train(t, m, seeds, out_dir, ck))
@@ -186,6 +200,10 @@ def run_table(name: str, out_dir: str = "runs/reproduce", results_dir: str = "re
         raise FileNotFoundError(f"{name}: the teacher has not finished (run without --collect)")
     teacher_run = teacher_runs[0]
     teacher_ckpt = str(teacher_run / "last.pt")
+    if jobs > 1 and not collect_only:
+        from certdist.sweep import run_jobs
+        run_jobs(_student_job, [(t, m, s, out_dir, teacher_ckpt) for m in t.methods for s in t.seeds], jobs,
+                 "table run")
     teacher_name = t.teacher.label
     rows = []
     if t.certify_n is not None:

@@ -8,11 +8,13 @@ settings are an error) and interrupted ones resumed, so a sweep can be re-launch
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from certdist.config import differing_keys, load_config, to_dict
 from certdist.training.loop import RESUME_IGNORES, TrainingError, run_dir_for
@@ -70,3 +72,38 @@ def sweep(configs: list[str | None], seeds: list[int], overrides: list[str], job
         if failed:
             raise TrainingError(f"{config}: seeds {failed} failed; see their output above")
     return done
+
+
+def _limit_threads(n: int) -> None:
+    """A job process's thread count: torch here, OpenMP / MKL in the training processes it starts."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    import torch
+    torch.set_num_threads(n)
+
+
+def run_jobs(fn: Callable[[Any], Any], tasks: Sequence[Any], jobs: int = 1, what: str = "job") -> list[Any]:
+    """``fn(task)`` for every task; with ``jobs > 1`` in ``jobs`` worker processes (spawned; each limited to
+    cpu_count // jobs threads, since oversubscribed OpenMP threads slow every job down many times over).
+    ``fn`` must be a module-level function and the tasks picklable. Returns the results in task order; a
+    failed task does not stop the others, and is raised (a TrainingError naming every failure) at the end."""
+    if jobs <= 1:
+        return [fn(t) for t in tasks]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results: list[Any] = [None] * len(tasks)
+    errors: dict[int, str] = {}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_limit_threads,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, t): k for k, t in enumerate(tasks)}
+        for done, fut in enumerate(as_completed(futures), 1):
+            k = futures[fut]
+            try:
+                results[k] = fut.result()
+                print(f"[jobs] {done}/{len(tasks)} {what}s done: {results[k]}", flush=True)
+            except Exception as e:  # noqa: BLE001 - reported with the others below
+                errors[k] = f"{tasks[k]!r}: {type(e).__name__}: {e}"
+                print(f"[jobs] {done}/{len(tasks)} {what} FAILED: {errors[k]}", flush=True)
+    if errors:
+        raise TrainingError(f"{len(errors)} of {len(tasks)} {what}s failed: " + "; ".join(errors[k] for k in sorted(errors)))
+    return results

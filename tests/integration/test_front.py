@@ -50,7 +50,9 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(F.FRONTS, "tiny-front", front)
     assert main(["reproduce", "--list"]) == 0
     assert "tiny-front: tiny" in capsys.readouterr().out
-    assert main(["reproduce", "tiny-front", "--out-dir", "runs", "--results", "res"]) == 0
+    # the four student runs in two worker processes (spawned; the same numbers as in one, checked below)
+    assert main(["reproduce", "tiny-front", "--out-dir", "runs", "--results", "res", "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.count("front runs done") == 4
     rec = json.loads((tmp_path / "res" / "tiny-front.json").read_text())
     got = [(r["method"], r["alpha"], r["seed"]) for r in rec["rows"]]
     assert got == [("PGD-AT teacher", None, 0), ("CC-IBP", 0.1, 0), ("CC-Dist", 0.1, 0), ("CC-IBP", 0.5, 0),
@@ -90,6 +92,14 @@ def test_front_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     part = json.loads((tmp_path / "res" / "tiny-front.json").read_text())
     assert len(part["rows"]) == 4 and "PARTIAL: 3 of 4" in part["note"]
     assert all(h["alphas"] == [0.1] for h in part["hypervolume"])  # compared over the alphas both methods have
+
+    # one process from scratch gives the numbers of the two worker processes above
+    assert main(["reproduce", "tiny-front", "--out-dir", "runs1", "--results", "res1"]) == 0
+    one = json.loads((tmp_path / "res1" / "tiny-front.json").read_text())
+    drop = ("run", "train_time_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in one["rows"]] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rec["rows"]]
+    assert one["hypervolume"] == rec["hypervolume"]
 
 
 def test_shipped_fronts_are_consistent():

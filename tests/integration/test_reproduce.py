@@ -56,6 +56,14 @@ def test_reproduce_table_end_to_end(tmp_path, monkeypatch, capsys):
     assert len(json.loads((tmp_path / "res" / "tiny.json").read_text())) == 2
     assert "PARTIAL: 2 of 3 rows" in (tmp_path / "res" / "tiny.md").read_text()
 
+    # the two students in two worker processes: the numbers of the single-process run above
+    assert main(["reproduce", "tiny", "--out-dir", "runs2", "--results", "res2", "--jobs", "2"]) == 0
+    assert capsys.readouterr().out.count("table runs done") == 2
+    two = json.loads((tmp_path / "res2" / "tiny.json").read_text())
+    drop = ("run", "train_time_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in two] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
 
 def test_reproduce_lists_tables_and_rejects_unknown(capsys):
     assert main(["reproduce", "--list"]) == 0
