@@ -70,7 +70,7 @@ FRONTS: dict[str, Front] = {
         alphas=(0.01, 0.03, 0.1, 0.3),
         distill=("distill.loss=kl", "distill.level=logits", "distill.temperature=4", "distill.beta=0.03"),
         train=("data.train_limit=10000", "num_threads=1", "eval.pgd_steps=10"),
-        references=((0.0, 0.0), "nadir"), max_domains=300, certify_n=100, eval_n=1000,
+        references=((0.0, 0.0), "nadir"), max_domains=300, certify_n=1000,
         note="DM-small, configs/small 10-epoch recipe, first 10,000 training images (last 5,000 held out), "
              "CC-Dist: KL on logits, T 4, beta 0.03 (the shipped configs/small/fashion-mnist_cc-dist.yaml "
              "setting; `certdist tune` on the validation split at alpha 0.1 chose it again)."),
@@ -89,7 +89,7 @@ FRONTS: dict[str, Front] = {
         train=("eps=0.3", "data.train_limit=10000", "num_threads=1", "eval.pgd_steps=10"),
         teacher_train=("warmup_epochs=1", "ramp_epochs=3"),
         student_train=("l1=3e-6", "train_eps_mul=1.334", "batch_size=64"),
-        references=((0.0, 0.0), "nadir"), max_domains=300, certify_n=100, eval_n=1000,
+        references=((0.0, 0.0), "nadir"), max_domains=300, certify_n=1000,
         note="DM-small, configs/small 10-epoch recipe with the expressive-losses MNIST 0.3 student settings "
              "(train eps x1.334, l1 3e-6) and batch 64 for the students, first 10,000 training images (last 5,000 held out); CC-Dist: KL on "
              "logits, T 4, beta 0.1 (chosen on the validation split by the mnist-0.3 grid)."),
